@@ -1,0 +1,213 @@
+"""Typed configuration for every stage.
+
+One :class:`ExperimentConfig` holds a section per stage. It is loaded from YAML or JSON plus
+dotted command-line overrides (``finetune.tau=0.9``), validated by pydantic (unknown keys and
+out-of-range values are errors that name the key), and saved as ``config.json`` with each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+OpenProb = Annotated[float, Field(ge=0.0, lt=1.0)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
+
+Protocol = Literal["modality", "frame"]
+MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the key."""
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    """Where the canonical store lives and how it is streamed."""
+
+    uri: str = ""
+    s3_endpoint: str | None = None
+    shuffle_buffer: Annotated[int, Field(ge=0)] = 256
+    read_parallelism: Annotated[int, Field(ge=-1)] = -1
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    """The graph network (DESIGN.md, Model)."""
+
+    hidden: PosInt = 64
+    segments: PosInt = 8
+    iterations: PosInt = 2
+    heads: PosInt = 4
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    edges: Literal["full", "windowed"] = "full"
+    window: PosInt = 1
+    backend: Literal["auto", "sparse", "dense"] = "auto"
+    propagation: Literal["alternating", "intra", "inter"] = "alternating"
+    fusion: Literal["graph", "early"] = "graph"
+
+
+@dataclass(config=_STRICT)
+class TrainingConfig:
+    """What both training stages share: optimisation, scale, checkpoints."""
+
+    epochs: PosInt = 10
+    batch_size: PosInt = 32
+    lr: LearningRate = 1e-3
+    weight_decay: NonNegFloat = 1e-4
+    grad_clip: NonNegFloat = 1.0
+    workers: PosInt = 1
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
+    gpus: bool = False
+    max_failures: Annotated[int, Field(ge=-1)] = 0
+    patience: Annotated[int, Field(ge=0)] = 0
+    seed: int = 0
+
+
+@dataclass(config=_STRICT)
+class PretrainConfig(TrainingConfig):
+    """Self-supervised stage: masked reconstruction plus a cross-modal contrastive term."""
+
+    mask_modality_prob: Prob = 0.3
+    mask_segment_prob: Prob = 0.25
+    recon_weight: NonNegFloat = 1.0
+    contrastive_weight: NonNegFloat = 0.5
+    temperature: Annotated[float, Field(gt=0.0)] = 0.1
+
+
+@dataclass(config=_STRICT)
+class FinetuneConfig(TrainingConfig):
+    """Semi-supervised stage: supervised + pseudo-label + reconstruction losses."""
+
+    label_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    missing_rate: OpenProb = 0.5
+    protocol: Protocol = "modality"
+    tau: Prob = 0.8
+    lambda_rec: NonNegFloat = 0.1
+    unlabeled_weight: NonNegFloat = 1.0
+    rampup_epochs: Annotated[int, Field(ge=0)] = 3
+    ema_decay: Prob = 0.99
+    views: Annotated[int, Field(ge=2)] = 4
+    drop_prob: Prob = 0.3
+    pseudo_labels: bool = True
+    reconstruction: bool = True
+    pretrained: str | None = None
+
+
+@dataclass(config=_STRICT)
+class TuneConfig:
+    """The (label ratio x missing rate) grid and the search inside each cell."""
+
+    label_ratios: list[Annotated[float, Field(gt=0.0, le=1.0)]] = dataclasses.field(
+        default_factory=lambda: [0.1, 0.3, 0.5, 0.7]
+    )
+    missing_rates: list[OpenProb] = dataclasses.field(
+        default_factory=lambda: [0.0, 0.3, 0.5, 0.7]
+    )
+    samples: PosInt = 8
+    concurrency: PosInt = 1
+    workers_per_trial: PosInt = 1
+    asha: bool = False
+    seed: int = 0
+
+
+@dataclass(config=_STRICT)
+class ExperimentConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_ADAPTER = TypeAdapter(ExperimentConfig)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "unexpected_keyword_argument" or e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"invalid configuration ({source}): " + "; ".join(lines)
+
+
+def from_dict(data: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return _ADAPTER.validate_python(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def _parse_value(raw: str) -> Any:
+    """Override values are YAML scalars or lists: ``0.5``, ``true``, ``[0.1, 0.3]``."""
+    return yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a nested dict (validation happens after)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        *parents, leaf = dotted.strip().split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node[leaf] = _parse_value(raw)
+    return data
+
+
+def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Defaults, then the file (YAML or JSON), then the overrides; validated once at the end."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())  # JSON is YAML
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML/JSON: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        data = loaded
+        source = str(p)
+    overrides = list(overrides)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides"
+    return from_dict(data, source)
+
+
+def replace(cfg: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentConfig:
+    """A copy with some section fields changed, validated like any other input."""
+    data = cfg.to_dict()
+    for name, values in sections.items():
+        data[name].update({k: v for k, v in values.items() if v is not None})
+    return from_dict(data, "command line")
