@@ -1,0 +1,186 @@
+"""SSLMM network and the early-fusion baseline.
+
+Both share the per-modality encoders, the regression head and the contrastive projector, so a
+comparison between them isolates the graph (propagation + imputation of missing nodes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MODALITIES, ModelConfig
+from .encoders import ModalityEncoder
+from .graph import EdgeTemplate
+from .layers import Propagation
+
+# Measured by ``sslmm_ray.bench.model`` (docs/MODEL.md): dense masked attention wins on every
+# preset shape; the edge list only pays off for large, sparse (windowed) graphs.
+DENSE_MAX_NODES = 64
+DENSE_MIN_DENSITY = 0.25
+
+
+def resolve_backend(requested: str, num_nodes: int, num_edges: int) -> str:
+    """``auto`` -> dense for small or dense graphs, sparse otherwise (thresholds measured)."""
+    if requested != "auto":
+        return requested
+    density = num_edges / max(num_nodes * num_nodes, 1)
+    return "dense" if num_nodes <= DENSE_MAX_NODES or density >= DENSE_MIN_DENSITY else "sparse"
+
+
+@dataclass
+class SSLMMOutput:
+    """What one forward pass returns; dict keys are modality names."""
+
+    pred: Tensor  # (B,) sentiment score
+    fused: Tensor  # (B, H) fused representation
+    pooled: dict[str, Tensor]  # (B, H) per-modality readout
+    targets: dict[str, Tensor]  # (B, K_m, d_m) segment-pooled input features
+    segment_valid: dict[str, Tensor]  # (B, K_m) segment observed in the input
+    node_valid: dict[str, Tensor]  # (B, K_m) observed and not hidden: the node could send
+    present: Tensor  # (B, M) modality visible to the network (some node valid)
+    recon: dict[str, Tensor] = field(default_factory=dict)  # (B, K_m, d_m) rebuilt features
+    nodes: dict[str, Tensor] = field(default_factory=dict)  # (B, K_m, H) final node states
+
+
+class _Base(nn.Module):
+    """Encoders, head and contrastive projector shared by the graph model and the baseline."""
+
+    def __init__(self, cfg: ModelConfig, dims: Mapping[str, int], lengths: Mapping[str, int]):
+        super().__init__()
+        unknown = set(dims) - set(MODALITIES)
+        if unknown or not dims:
+            raise ValueError(f"dims must name modalities among {MODALITIES}, got {sorted(dims)}")
+        self.cfg = cfg
+        self.modalities = tuple(m for m in MODALITIES if m in dims)
+        self.dims = {m: int(dims[m]) for m in self.modalities}
+        h = cfg.hidden
+        self.encoders = nn.ModuleDict(
+            {m: ModalityEncoder(self.dims[m], int(lengths[m]), h, cfg.segments, cfg.dropout)
+             for m in self.modalities}
+        )
+        self.segments = {m: self.encoders[m].segments for m in self.modalities}
+        self.head = nn.Sequential(
+            nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, 1)
+        )
+        # Only the contrastive pre-training objective reads it (SimCLR-style projector).
+        self.projector = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, h))
+
+    def encode(self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None):
+        hide = hide or {}
+        enc = {m: self.encoders[m](batch[m], batch[f"{m}_mask"], hide.get(m))
+               for m in self.modalities}
+        nodes = {m: e[0] for m, e in enc.items()}
+        node_valid = {m: e[1] for m, e in enc.items()}
+        segment_valid = {m: e[2] for m, e in enc.items()}
+        targets = {m: e[3] for m, e in enc.items()}
+        present = torch.stack([node_valid[m].any(dim=1) for m in self.modalities], dim=1)
+        return nodes, node_valid, segment_valid, targets, present
+
+    @torch.no_grad()
+    def segment_targets(self, batch: Mapping[str, Tensor]) -> tuple[dict, dict]:
+        """Reconstruction targets and segment validity of a batch, without running the network."""
+        out = {m: self.encoders[m].targets(batch[m], batch[f"{m}_mask"]) for m in self.modalities}
+        return {m: o[0] for m, o in out.items()}, {m: o[1] for m, o in out.items()}
+
+
+class SSLMM(_Base):
+    """Segment graph over all modalities, alternating intra/inter-modal propagation.
+
+    Missing modalities (and hidden segments) keep their nodes with a learned embedding: they
+    receive messages but do not send, so what they end up holding comes from observed nodes.
+    """
+
+    def __init__(self, cfg: ModelConfig, dims: Mapping[str, int], lengths: Mapping[str, int]):
+        super().__init__(cfg, dims, lengths)
+        h = cfg.hidden
+        sizes = tuple(self.segments[m] for m in self.modalities)
+        kinds = {"alternating": ("intra", "inter"), "intra": ("intra",), "inter": ("inter",)}
+        templates = [EdgeTemplate(sizes, kind, cfg.edges, cfg.window)
+                     for kind in kinds[cfg.propagation]]
+        self.num_nodes = sum(sizes)
+        self.backend = resolve_backend(
+            cfg.backend, self.num_nodes, sum(t.num_edges for t in templates) // len(templates)
+        )
+        self.propagation = Propagation(templates, h, cfg.heads, cfg.iterations, cfg.dropout)
+        self.gates = nn.ModuleDict({m: nn.Linear(h, 1) for m in self.modalities})
+        self.presence = nn.Embedding(2, h)  # tells fusion whether a readout is observed or imputed
+        self.fusion_gate = nn.Linear(h, 1)
+        self.fusion_norm = nn.LayerNorm(h)
+        self.decoders = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, self.dims[m]))
+             for m in self.modalities}
+        )
+
+    def forward(
+        self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None = None
+    ) -> SSLMMOutput:
+        """``hide[m]`` (B, K_m) withholds segments (masked views); see ModalityEncoder."""
+        nodes, node_valid, segment_valid, targets, present = self.encode(batch, hide)
+        x = torch.cat([nodes[m] for m in self.modalities], dim=1)  # (B, N, H)
+        src_valid = torch.cat([node_valid[m] for m in self.modalities], dim=1)
+        x = self.propagation(x, src_valid, self.backend)
+        parts = dict(zip(self.modalities,
+                         x.split([self.segments[m] for m in self.modalities], dim=1), strict=True))
+
+        pooled = {}
+        for i, m in enumerate(self.modalities):
+            # Attention pooling over observed nodes; a missing modality pools its imputed nodes.
+            allowed = node_valid[m] | ~present[:, i : i + 1]
+            score = self.gates[m](parts[m]).squeeze(-1).masked_fill(~allowed, float("-inf"))
+            pooled[m] = torch.einsum("bk,bkh->bh", score.softmax(dim=1), parts[m])
+        stacked = torch.stack([pooled[m] for m in self.modalities], dim=1)  # (B, M, H)
+        stacked = stacked + self.presence(present.long())
+        weights = self.fusion_gate(stacked).softmax(dim=1)
+        fused = self.fusion_norm((weights * stacked).sum(dim=1))
+        recon = {m: self.decoders[m](parts[m]) for m in self.modalities}
+        return SSLMMOutput(
+            pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
+            segment_valid=segment_valid, node_valid=node_valid, present=present, recon=recon,
+            nodes=parts,
+        )
+
+
+class EarlyFusion(_Base):
+    """Baseline: the same encoders, masked mean per modality, concatenation, an MLP.
+
+    No graph, no imputation (a missing modality contributes its learned missing embedding and
+    a 0 presence flag), no reconstruction decoders: ``recon`` is empty.
+    """
+
+    def __init__(self, cfg: ModelConfig, dims: Mapping[str, int], lengths: Mapping[str, int]):
+        super().__init__(cfg, dims, lengths)
+        h, m = cfg.hidden, len(self.modalities)
+        self.mlp = nn.Sequential(
+            nn.Linear(m * h + m, 2 * h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * h, h),
+            nn.LayerNorm(h),
+        )
+
+    def forward(
+        self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None = None
+    ) -> SSLMMOutput:
+        nodes, node_valid, segment_valid, targets, present = self.encode(batch, hide)
+        pooled = {}
+        for m in self.modalities:
+            w = node_valid[m].to(nodes[m].dtype)
+            # Rows with no valid node average all nodes, i.e. the missing embedding.
+            w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+            pooled[m] = torch.einsum("bk,bkh->bh", w / w.sum(1, keepdim=True), nodes[m])
+        flat = torch.cat([*(pooled[m] for m in self.modalities), present.to(nodes[
+            self.modalities[0]].dtype)], dim=1)
+        fused = self.mlp(flat)
+        return SSLMMOutput(
+            pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
+            segment_valid=segment_valid, node_valid=node_valid, present=present,
+        )
+
+
+def build_model(
+    cfg: ModelConfig, dims: Mapping[str, int], lengths: Mapping[str, int]
+) -> SSLMM | EarlyFusion:
+    """The network named by ``cfg.fusion`` for ``dims`` features and up to ``lengths`` frames."""
+    cls = EarlyFusion if cfg.fusion == "early" else SSLMM
+    return cls(cfg, dims, lengths)

@@ -1,0 +1,273 @@
+"""Training objectives of both stages, as pure functions of (model, batch, config, generator).
+
+All randomness (masks, dropped modalities, teacher views) is drawn from the ``generator`` passed
+in, on CPU, then moved to the batch's device: the same seed gives the same masks on any device.
+Only feature and mask keys are handed to the network (:func:`features`); labels enter through
+the supervised term alone, and only where ``labeled`` is True.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MODALITIES, FinetuneConfig, PretrainConfig
+
+Batch = Mapping[str, Tensor]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+def _modalities(batch: Batch) -> list[str]:
+    return [m for m in MODALITIES if f"{m}_mask" in batch]
+
+
+def features(batch: Batch) -> dict[str, Tensor]:
+    """The keys the network may see: features and masks, never ``label`` / ``labeled``."""
+    return {k: batch[k] for m in _modalities(batch) for k in (m, f"{m}_mask")}
+
+
+def presence(batch: Batch) -> Tensor:
+    """(B, M) bool: modality has at least one observed frame."""
+    return torch.stack([batch[f"{m}_mask"].any(dim=1) for m in _modalities(batch)], dim=1)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(shape, generator=generator).to(device)
+
+
+def _drop_keep_one(present: Tensor, prob: float, generator: torch.Generator) -> Tensor:
+    """Drop each present modality with ``prob``; if all of a row's were dropped, restore one.
+
+    The restored modality is drawn uniformly among the row's present ones. Both random draws
+    happen every call, so generator consumption does not depend on the data.
+    """
+    drop = present & (_rand(present.shape, generator, present.device) < prob)
+    emptied = present.any(dim=1) & ~(present & ~drop).any(dim=1)
+    score = _rand(present.shape, generator, present.device).masked_fill(~present, -1.0)
+    restore = F.one_hot(score.argmax(dim=1), present.size(1)).bool() & emptied.unsqueeze(1)
+    return drop & ~restore
+
+
+def drop_modalities(
+    batch: Batch, prob: float, generator: torch.Generator
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Remove present modalities on purpose (keeping at least one per row).
+
+    Returns a shallow copy of the batch whose dropped modalities have empty masks and zeroed
+    features, and the (B, M) bool mask of what was dropped (always a subset of ``presence``).
+    """
+    mods = _modalities(batch)
+    dropped = _drop_keep_one(presence(batch), prob, generator)
+    out = dict(batch)
+    for i, m in enumerate(mods):
+        keep = ~dropped[:, i]
+        out[f"{m}_mask"] = batch[f"{m}_mask"] & keep.unsqueeze(1)
+        out[m] = batch[m].masked_fill(~keep.view(-1, 1, 1), 0.0)
+    return out, dropped
+
+
+def random_hide(
+    batch: Batch,
+    segments: Mapping[str, int],
+    modality_prob: float,
+    segment_prob: float,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """Node-level masks for a masked view: whole modalities (>= 1 kept) and single segments."""
+    mods = _modalities(batch)
+    dropped = _drop_keep_one(presence(batch), modality_prob, generator)
+    b = dropped.size(0)
+    return {
+        m: dropped[:, i : i + 1]
+        | (_rand((b, segments[m]), generator, dropped.device) < segment_prob)
+        for i, m in enumerate(mods)
+    }
+
+
+def _masked_mse(recon: Tensor, target: Tensor, select: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of per-segment MSE over selected segments, and their count (graph kept when empty)."""
+    err = (recon - target).pow(2).mean(dim=-1)
+    return (err * select).sum(), select.sum()
+
+
+def _reconstruction(out, targets: Mapping[str, Tensor], select: Mapping[str, Tensor]) -> Tensor:
+    """Mean over modalities (those with a selected segment) of the mean segment MSE."""
+    total, used = None, 0
+    for m, recon in out.recon.items():
+        err, count = _masked_mse(recon, targets[m], select[m])
+        term = err / count.clamp(min=1)
+        total = term if total is None else total + term
+        used += int(count > 0)
+    if total is None:
+        return out.pred.sum() * 0.0
+    return total / max(used, 1)
+
+
+def contrastive(model: nn.Module, out, temperature: float) -> Tensor:
+    """Symmetric InfoNCE between modality readouts of the same sample, per modality pair.
+
+    Positives: the two modalities of one row; negatives: the other rows' readouts. Only rows
+    where both modalities are visible take part, and pairs with fewer than two such rows are
+    skipped (no negative). Readouts go through the shared projector and are L2-normalised.
+    """
+    net = _unwrap(model)
+    mods = list(out.pooled)
+    z = {m: F.normalize(net.projector(out.pooled[m]), dim=-1) for m in mods}
+    total, pairs = z[mods[0]].sum() * 0.0, 0
+    for i in range(len(mods)):
+        for j in range(i + 1, len(mods)):
+            rows = out.present[:, i] & out.present[:, j]
+            if int(rows.sum()) < 2:
+                continue
+            logits = z[mods[i]][rows] @ z[mods[j]][rows].T / temperature
+            target = torch.arange(logits.size(0), device=logits.device)
+            total = total + 0.5 * (F.cross_entropy(logits, target)
+                                   + F.cross_entropy(logits.T, target))
+            pairs += 1
+    return total / max(pairs, 1)
+
+
+def pretrain_loss(
+    model: nn.Module, batch: Batch, cfg: PretrainConfig, generator: torch.Generator
+) -> tuple[Tensor, dict[str, float]]:
+    """Self-supervised loss: masked modality/segment reconstruction + cross-modal InfoNCE.
+
+    One masked view per step: each present modality is hidden with ``mask_modality_prob``
+    (>= 1 kept) and each segment with ``mask_segment_prob``. Hidden nodes carry the missing
+    embedding and only receive messages; the decoders must rebuild their segment features
+    from the rest (loss on hidden, observed segments only, as in masked autoencoders).
+    InfoNCE aligns the readouts of the modalities visible in the view. Labels are never read.
+
+    ``loss = recon_weight * L_rec + contrastive_weight * L_nce``
+    """
+    net = _unwrap(model)
+    inputs = features(batch)
+    hide = random_hide(inputs, net.segments, cfg.mask_modality_prob, cfg.mask_segment_prob,
+                       generator)
+    out = model(inputs, hide=hide)
+    select = {m: out.segment_valid[m] & hide[m] for m in out.recon}
+    rec = _reconstruction(out, out.targets, select)
+    nce = contrastive(model, out, cfg.temperature)
+    loss = cfg.recon_weight * rec + cfg.contrastive_weight * nce
+    hidden = sum(int(s.sum()) for s in select.values())
+    return loss, {"loss": float(loss.detach()), "rec": float(rec.detach()), "nce": float(nce.detach()),
+                  "hidden_segments": float(hidden)}
+
+
+def rampup(epoch: int, epochs: int) -> float:
+    """Sigmoid-shaped ramp ``exp(-5 (1 - t)^2)``, ``t = min(epoch / epochs, 1)`` (Laine & Aila)."""
+    if epochs <= 0:
+        return 1.0
+    t = min(max(epoch / epochs, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+@torch.no_grad()
+def pseudo_labels(
+    teacher: nn.Module,
+    batch: Batch,
+    views: int,
+    modality_prob: float,
+    segment_prob: float,
+    kappa: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Teacher pseudo-labels and their confidence from ``views`` randomly masked views.
+
+    The V views (modalities hidden with ``modality_prob``, >= 1 kept; segments with
+    ``segment_prob``) run as one batch of V * B rows. With view predictions p_1..p_V:
+
+        mu    = mean_v p_v                                 (the pseudo-label)
+        sigma = std_v p_v  (population std)
+        conf  = |mu| / (|mu| + sigma + kappa)              in [0, 1)
+
+    Confidence is high when the views agree (small sigma) on a score clearly away from the
+    neutral 0 (large |mu|), i.e. when they agree on the sentiment sign: for Gaussian view noise
+    the chance that a view flips the sign falls with |mu| / sigma. ``kappa`` > 0 (label units)
+    keeps near-neutral predictions unconfident and makes conf < 1 strictly, so tau = 1 keeps
+    nothing and tau = 0 keeps everything.
+    """
+    net = _unwrap(teacher)
+    b = next(iter(batch.values())).size(0)
+    inputs = {k: v.repeat(views, *([1] * (v.dim() - 1))) for k, v in features(batch).items()}
+    hide = random_hide(inputs, net.segments, modality_prob, segment_prob, generator)
+    preds = teacher(inputs, hide=hide).pred.view(views, b)
+    mu = preds.mean(dim=0)
+    sigma = preds.std(dim=0, correction=0)
+    return mu, mu.abs() / (mu.abs() + sigma + kappa)
+
+
+def _regression(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    return (pred - target).abs() if kind == "l1" else (pred - target).pow(2)
+
+
+def finetune_loss(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batch: Batch,
+    cfg: FinetuneConfig,
+    epoch: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, float]]:
+    """Semi-supervised loss ``L_sup + w(epoch) * L_pseudo + lambda_rec * L_rec``.
+
+    - ``L_sup``: L1 (or MSE, ``cfg.loss``) on labeled rows only.
+    - ``L_pseudo`` (``cfg.pseudo_labels``): same loss against the teacher's pseudo-label on
+      unlabeled rows whose confidence (:func:`pseudo_labels`) is >= ``tau``, averaged over all
+      unlabeled rows (rejected ones count as 0); ``w = unlabeled_weight * rampup``.
+    - ``L_rec`` (``cfg.reconstruction``): present modalities are dropped on purpose with
+      ``drop_prob`` (>= 1 kept) before the student sees the batch; their segment features are
+      rebuilt from the others. Zero when nothing was dropped.
+
+    Unlabeled rows' ``label`` values are replaced by 0 before any arithmetic, so they cannot
+    reach a loss or a gradient.
+    """
+    net = _unwrap(student)
+    inputs = features(batch)
+    reconstruct = cfg.reconstruction and cfg.lambda_rec > 0 and bool(getattr(net, "decoders", {}))
+    if reconstruct:
+        view, dropped = drop_modalities(inputs, cfg.drop_prob, generator)
+    else:
+        view, dropped = inputs, presence(inputs) & False
+    out = student(view)
+
+    labeled = batch["labeled"].bool()
+    target = torch.where(labeled, batch["label"].to(out.pred.dtype), torch.zeros_like(out.pred))
+    n_lab = labeled.sum().clamp(min=1)
+    sup = (_regression(out.pred, target, cfg.loss) * labeled).sum() / n_lab
+    loss = sup
+    stats = {"sup": float(sup.detach()), "labeled": float(labeled.sum())}
+
+    if cfg.pseudo_labels and teacher is not None:
+        unlabeled = (~labeled).nonzero().squeeze(1)
+        weight = cfg.unlabeled_weight * rampup(epoch, cfg.rampup_epochs)
+        if unlabeled.numel():
+            sub = {k: v[unlabeled] for k, v in inputs.items()}
+            mu, conf = pseudo_labels(teacher, sub, cfg.views, cfg.view_mask_prob,
+                                     cfg.view_segment_prob, cfg.confidence_kappa, generator)
+            keep = conf >= cfg.tau
+            pseudo = (_regression(out.pred[unlabeled], mu, cfg.loss) * keep).sum() / keep.numel()
+            stats.update(kept=float(keep.float().mean()), confidence=float(conf.mean()))
+        else:
+            pseudo = out.pred.sum() * 0.0
+            stats.update(kept=0.0, confidence=0.0)
+        loss = loss + weight * pseudo
+        stats.update(pseudo=float(pseudo.detach()), unlabeled_weight=weight)
+
+    if reconstruct:
+        targets, segment_valid = net.segment_targets(inputs)
+        select = {m: segment_valid[m] & dropped[:, i : i + 1]
+                  for i, m in enumerate(net.modalities)}
+        rec = _reconstruction(out, targets, select)
+        loss = loss + cfg.lambda_rec * rec
+        stats.update(rec=float(rec.detach()), dropped=float(dropped.float().sum(dim=1).mean()))
+
+    stats["loss"] = float(loss.detach())
+    return loss, stats
