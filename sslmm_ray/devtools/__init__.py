@@ -1,0 +1,1 @@
+"""Developer tools: local services for tests, benchmarks and the local dev setup."""

@@ -1,0 +1,391 @@
+"""The one place that turns a storage URI into a ``pyarrow.fs`` filesystem.
+
+Every stage (data shards and manifests, checkpoints, Ray Train/Tune storage) addresses storage by
+URI: a local path, ``file://...`` or ``s3://bucket/prefix``. S3 always goes through an explicit
+``pyarrow.fs.S3FileSystem`` built from :class:`StorageOptions`:
+
+* endpoint: ``--s3-endpoint`` / ``SSLMM_S3_ENDPOINT`` (e.g. ``http://127.0.0.1:9000``), passed as
+  ``endpoint_override`` + ``scheme``. pyarrow ignores ``AWS_ENDPOINT_URL``, so we never rely on it.
+* region: argument, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else ``us-east-1``.
+* credentials: never arguments, never stored, never printed. With ``access_key=None`` pyarrow's
+  AWS SDK uses its default chain: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+  ``AWS_SESSION_TOKEN``, then ``~/.aws/credentials`` and ``~/.aws/config`` (``AWS_PROFILE``),
+  then the EC2/ECS instance role. A pickled filesystem (Ray ships it to workers) therefore
+  carries no secret either: each worker resolves the chain on its own node.
+
+Failures are bounded: pyarrow retries 3 times (AWS standard strategy), connects time out after
+``CONNECT_TIMEOUT_S`` and a stalled transfer after ``REQUEST_TIMEOUT_S`` (on Linux the SDK applies
+it as "no byte for that long"). Remote I/O errors surface as :class:`StorageError` naming the
+endpoint and bucket, with any credential value scrubbed from the text.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pyarrow.fs as pafs
+from tenacity import (
+    RetryError,
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+__all__ = [
+    "StorageError",
+    "StorageOptions",
+    "check_reachable",
+    "delete",
+    "exists",
+    "is_remote",
+    "join",
+    "list_files",
+    "makedirs",
+    "ray_storage",
+    "read_bytes",
+    "read_json",
+    "resolve",
+    "write_bytes",
+    "write_json",
+]
+
+ENDPOINT_ENV = "SSLMM_S3_ENDPOINT"
+DEFAULT_REGION = "us-east-1"
+CONNECT_TIMEOUT_S = 3.0
+REQUEST_TIMEOUT_S = 10.0
+S3_MAX_ATTEMPTS = 3
+# The reachability probe fails fast: one SDK attempt per tenacity attempt, short timeouts.
+PROBE_ATTEMPTS = 3
+PROBE_DEADLINE_S = 6.0
+PROBE_TIMEOUT_S = 2.0
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_LOCAL_SCHEMES = ("", "file")
+
+
+class StorageError(ValueError, OSError):
+    """A bad storage URI or setting (a ValueError) or a failed remote operation (an OSError)."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Where S3 lives. Holds no credentials by design: those come from the AWS chain."""
+
+    endpoint: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint: str | None = None, region: str | None = None) -> StorageOptions:
+        """Arguments win, then ``SSLMM_S3_ENDPOINT`` and ``AWS_REGION``/``AWS_DEFAULT_REGION``."""
+        endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or None
+        region = (
+            region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or DEFAULT_REGION
+        )
+        return cls(endpoint=endpoint, region=region)
+
+    def describe(self) -> str:
+        """The endpoint as shown in messages (never any credential)."""
+        return self.endpoint or f"AWS S3 (region {self.region or DEFAULT_REGION})"
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    scheme: str  # "local" or "s3"
+    path: str  # the path for the filesystem: absolute local path or "bucket/key"
+    bucket: str = ""
+
+
+def _parse(uri: str) -> _Parsed:
+    if not isinstance(uri, str | os.PathLike) or not str(uri):
+        raise StorageError(f"storage URI must be a non-empty string, got {uri!r}")
+    uri = os.fspath(uri)
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "s3":
+        bucket = parts.netloc
+        if not bucket:
+            raise StorageError(f"S3 URI {uri!r} has no bucket: expected s3://bucket/prefix")
+        if parts.query or parts.fragment:
+            raise StorageError(f"S3 URI {uri!r} must not carry '?' or '#' parts")
+        key = parts.path.strip("/")
+        return _Parsed("s3", f"{bucket}/{key}" if key else bucket, bucket)
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"file URI {uri!r} names a remote host; use a local path")
+        return _Parsed("local", os.path.abspath(unquote(parts.path)))
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):  # "C:\\..." on Windows
+        return _Parsed("local", os.path.abspath(os.path.expanduser(uri)))
+    raise StorageError(
+        f"unsupported storage URI {uri!r}: use a local path, file://PATH or s3://BUCKET/PREFIX"
+    )
+
+
+def _endpoint_parts(endpoint: str) -> tuple[str, str]:
+    """``http://host:port`` -> ("http", "host:port"); a scheme is required, no userinfo."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StorageError(
+            f"S3 endpoint {endpoint!r} must look like http://HOST:PORT or https://HOST"
+        )
+    if parts.username or parts.password:
+        raise StorageError(
+            f"S3 endpoint for host {parts.hostname!r} embeds credentials; "
+            "give them through the AWS variables or profile instead"
+        )
+    if parts.path.strip("/") or parts.query:
+        raise StorageError(f"S3 endpoint {endpoint!r} must not have a path or query")
+    return parts.scheme, parts.netloc
+
+
+@functools.cache
+def _local_fs() -> pafs.LocalFileSystem:
+    return pafs.LocalFileSystem()
+
+
+@functools.lru_cache(maxsize=32)
+def _s3_fs(endpoint: str | None, region: str, probe: bool = False) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        kwargs["scheme"], kwargs["endpoint_override"] = _endpoint_parts(endpoint)
+    return pafs.S3FileSystem(
+        region=region,
+        connect_timeout=PROBE_TIMEOUT_S if probe else CONNECT_TIMEOUT_S,
+        request_timeout=PROBE_TIMEOUT_S if probe else REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(
+            max_attempts=1 if probe else S3_MAX_ATTEMPTS
+        ),
+        **kwargs,
+    )
+
+
+def clear_cache() -> None:
+    """Forget cached filesystems (tests that change the environment between cases)."""
+    _s3_fs.cache_clear()
+
+
+def _options(options: StorageOptions | None) -> StorageOptions:
+    opts = options if options is not None else StorageOptions.from_env()
+    if opts.region is None:  # an explicit StorageOptions(endpoint=...) still gets a region
+        opts = StorageOptions.from_env(endpoint=opts.endpoint)
+    return opts
+
+
+def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) for ``uri``; S3 filesystems are cached per endpoint and region."""
+    parsed = _parse(uri)
+    if parsed.scheme == "local":
+        return _local_fs(), parsed.path
+    opts = _options(options)
+    return _s3_fs(opts.endpoint, opts.region), parsed.path
+
+
+def is_remote(uri: str) -> bool:
+    """True for object storage (s3://), False for local paths and file:// URIs."""
+    return _parse(uri).scheme != "local"
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts to a URI or local path, keeping its form (scheme, relative or not)."""
+    uri = os.fspath(uri)
+    if urlsplit(uri).scheme.lower() in ("s3", "file"):
+        clean = [p.strip("/") for p in parts if p.strip("/")]
+        return posixpath.join(uri.rstrip("/"), *clean) if clean else uri
+    return os.path.join(uri, *parts)
+
+
+def ray_storage(
+    uri: str, options: StorageOptions | None = None
+) -> tuple[str, pafs.FileSystem | None]:
+    """What to give ``RunConfig(storage_path=..., storage_filesystem=...)`` for ``uri``.
+
+    S3: ("bucket/prefix", the configured S3FileSystem), so Ray uses our endpoint and region.
+    Local: (absolute path, None), letting Ray use its own local filesystem handling.
+    """
+    fs, path = resolve(uri, options)
+    return (path, None) if isinstance(fs, pafs.LocalFileSystem) else (path, fs)
+
+
+def _scrub(text: str) -> str:
+    """Remove any credential value from an error text before it can be shown or logged."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+_NETWORK_MARKERS = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Timeout")
+
+
+def _describe_failure(uri: str, opts: StorageOptions, bucket: str, exc: BaseException) -> str:
+    detail = _scrub(str(exc))
+    where = f"S3 endpoint {opts.describe()} (bucket {bucket!r})"
+    if any(marker in detail for marker in _NETWORK_MARKERS):
+        return f"{where} is unreachable while accessing {uri}: {detail}"
+    return f"{where} failed while accessing {uri}: {detail}"
+
+
+@contextmanager
+def _io(uri: str, options: StorageOptions | None) -> Iterator[tuple[pafs.FileSystem, str]]:
+    """Resolve ``uri`` and turn remote OSErrors into StorageError naming the endpoint."""
+    parsed = _parse(uri)
+    fs, path = resolve(uri, options)
+    try:
+        yield fs, path
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file or directory: {uri}") from None
+    except StorageError:
+        raise
+    except OSError as exc:
+        if parsed.scheme == "local":
+            raise
+        msg = _describe_failure(uri, _options(options), parsed.bucket, exc)
+        raise StorageError(msg) from None  # no chain: the raw text could hold unscrubbed data
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    with _io(uri, options) as (fs, path):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    with _io(uri, options) as (fs, path), fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write a whole object so that readers see the old content or the new, never a part.
+
+    S3 publishes an object only when its upload completes, so we write the final key directly.
+    Locally we write a temporary file beside the target and ``os.replace`` it into place.
+    """
+    with _io(uri, options) as (fs, path):
+        if isinstance(fs, pafs.LocalFileSystem):
+            _atomic_local_write(Path(path), data)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+
+def _atomic_local_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".{uuid.uuid4().hex[:8]}.tmp", dir=path.parent
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(uri: str, options: StorageOptions | None = None) -> Any:
+    data = read_bytes(uri, options)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise StorageError(f"{uri} is not valid JSON: {exc}") from None
+
+
+def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    write_bytes(uri, text.encode("utf-8"), options)
+
+
+def list_files(
+    uri: str, options: StorageOptions | None = None, suffix: str | None = None
+) -> list[str]:
+    """Files under ``uri`` (recursive, sorted), as URIs of the same form; [] if it is absent."""
+    base = os.fspath(uri)
+    with _io(base, options) as (fs, path):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    root = path.rstrip("/") + "/"
+    rels = sorted(
+        i.path[len(root) :]
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.startswith(root)
+        and (suffix is None or i.path.endswith(suffix))
+    )
+    return [join(base, rel) for rel in rels]
+
+
+def delete(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a file or a whole prefix/directory, recursively; absent targets are fine."""
+    parsed = _parse(uri)
+    with _io(uri, options) as (fs, path):
+        kind = fs.get_file_info(path).type
+        if parsed.scheme == "s3" and path == parsed.bucket:
+            fs.delete_dir_contents(path, missing_dir_ok=True)  # never the bucket itself
+        elif kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
+
+
+def makedirs(uri: str, options: StorageOptions | None = None) -> None:
+    """Create a directory and its parents (on S3, marker objects; a no-op for a bucket)."""
+    parsed = _parse(uri)
+    if parsed.scheme == "s3" and parsed.path == parsed.bucket:
+        return  # buckets are provisioned outside this program
+    with _io(uri, options) as (fs, path):
+        fs.create_dir(path, recursive=True)
+
+
+def check_reachable(uri: str, options: StorageOptions | None = None) -> None:
+    """Fail fast, within about ``PROBE_DEADLINE_S`` seconds, if ``uri``'s store is unusable.
+
+    Local URIs always pass. For S3 the bucket is probed (HeadBucket) with up to
+    ``PROBE_ATTEMPTS`` tries and a short exponential wait; failure raises StorageError naming
+    the endpoint and bucket, never the credentials. A missing bucket is reported as such.
+    """
+    parsed = _parse(uri)
+    if parsed.scheme == "local":
+        return
+    opts = _options(options)
+    fs = _s3_fs(opts.endpoint, opts.region, probe=True)
+
+    @retry(
+        stop=stop_after_attempt(PROBE_ATTEMPTS) | stop_after_delay(PROBE_DEADLINE_S),
+        wait=wait_exponential(multiplier=0.2, max=1.0),
+        retry=retry_if_exception_type(OSError),
+        reraise=False,
+    )
+    def probe() -> pafs.FileInfo:
+        return fs.get_file_info(parsed.bucket)
+
+    try:
+        info = probe()
+    except RetryError as err:
+        exc = err.last_attempt.exception()
+        attempts = err.last_attempt.attempt_number
+        detail = _scrub(str(exc))
+        where = f"S3 endpoint {opts.describe()} (bucket {parsed.bucket!r})"
+        if any(marker in detail for marker in _NETWORK_MARKERS):
+            msg = f"{where} is unreachable after {attempts} attempt(s): {detail}"
+        else:
+            msg = f"{where} rejected the probe after {attempts} attempt(s): {detail}"
+        raise StorageError(msg) from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(
+            f"bucket {parsed.bucket!r} does not exist at S3 endpoint {opts.describe()}"
+        )

@@ -1,0 +1,37 @@
+"""Shared pytest fixtures. Keep only generic ones here; topic fixtures live beside their tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from sslmm_ray import storage
+from sslmm_ray.devtools.s3server import FAKE_CREDENTIALS, S3Server, start_s3_server
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A real S3 server process (moto) on 127.0.0.1 with one bucket, for the whole session.
+
+    While it runs, the environment points the AWS chain at moto's fake credentials and
+    ``SSLMM_S3_ENDPOINT`` at the server, as a user's shell would; both are restored afterwards.
+    Use ``s3.uri(prefix)`` with a prefix unique to the test, since the bucket is shared.
+    """
+    env = {**FAKE_CREDENTIALS}
+    saved = {k: os.environ.get(k) for k in [*env, "SSLMM_S3_ENDPOINT"]}
+    server = start_s3_server()
+    env["SSLMM_S3_ENDPOINT"] = server.endpoint
+    os.environ.update(env)
+    storage.clear_cache()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        storage.clear_cache()
