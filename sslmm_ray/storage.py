@@ -307,7 +307,9 @@ def read_json(uri: str, options: StorageOptions | None = None) -> Any:
 
 
 def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    """Pretty, key-sorted JSON. NaN is written as Python's json does (``NaN``), so a metrics
+    history with gaps round-trips through ``read_json`` instead of failing the run."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     write_bytes(uri, text.encode("utf-8"), options)
 
 
