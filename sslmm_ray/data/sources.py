@@ -171,7 +171,7 @@ def _check_rows(split: str, arrays: Mapping[str, np.ndarray], lo: float, hi: flo
         i = int(bad[0])
         raise _fail(
             split,
-            f"sample id {ids[i]!r}: label {float(label[i])} outside [{lo}, {hi}] "
+            f"sample id {str(ids[i])!r}: label {float(label[i])} outside [{lo}, {hi}] "
             f"({bad.size} such sample(s))",
         )
     for m in MODALITIES:
@@ -182,7 +182,7 @@ def _check_rows(split: str, arrays: Mapping[str, np.ndarray], lo: float, hi: flo
             i = int(bad[0])
             raise _fail(
                 split,
-                f"sample id {ids[i]!r}: {m}_len {int(lengths[i])} outside [1, {t}] "
+                f"sample id {str(ids[i])!r}: {m}_len {int(lengths[i])} outside [1, {t}] "
                 f"({bad.size} such sample(s))",
             )
 
@@ -198,12 +198,12 @@ def _check_values(split: str, arrays: Mapping[str, np.ndarray]) -> None:
             finite = np.isfinite(block).all(axis=(1, 2))
             if not finite.all():
                 i = start + int(np.flatnonzero(~finite)[0])
-                raise _fail(split, f"sample id {ids[i]!r}: non-finite values in {m!r}")
+                raise _fail(split, f"sample id {str(ids[i])!r}: non-finite values in {m!r}")
             pad = frames[None, :] >= lengths[start : start + _CHUNK, None]
             dirty = (np.abs(block).max(axis=2) * pad).any(axis=1)
             if dirty.any():
                 i = start + int(np.flatnonzero(dirty)[0])
-                raise _fail(split, f"sample id {ids[i]!r}: {m!r} is not zero beyond {m}_len")
+                raise _fail(split, f"sample id {str(ids[i])!r}: {m!r} is not zero beyond {m}_len")
 
 
 def validate_raw(
