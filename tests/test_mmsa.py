@@ -185,3 +185,13 @@ def test_not_a_dict(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(DataError, match="expected a dict"):
         load_pickle(path, "mosi")
+
+
+def test_numpy1_pickles_resolve_to_running_numpy() -> None:
+    """MMSA files were written by numpy 1.x, whose pickles name ``numpy.core.multiarray``."""
+    data = pickle.dumps({"a": np.ones((2, 2), np.float32), "s": np.float32(2)}, protocol=2)
+    old = data.replace(b"numpy._core.", b"numpy.core.")
+    assert b"numpy.core.multiarray" in old
+    back = safe_pickle.loads(old)
+    np.testing.assert_array_equal(back["a"], np.ones((2, 2), np.float32))
+    assert back["s"] == 2
