@@ -100,6 +100,10 @@ class FinetuneConfig(TrainingConfig):
     rampup_epochs: Annotated[int, Field(ge=0)] = 3
     ema_decay: Prob = 0.99
     views: Annotated[int, Field(ge=2)] = 4
+    view_mask_prob: Prob = 0.3  # teacher views: modality hidden with this prob (>= 1 kept)
+    view_segment_prob: Prob = 0.15  # teacher views: segment hidden with this prob
+    confidence_kappa: Annotated[float, Field(gt=0.0)] = 0.1  # conf = |mu| / (|mu| + std + kappa)
+    loss: Literal["l1", "mse"] = "l1"  # supervised and pseudo-label regression loss
     drop_prob: Prob = 0.3
     pseudo_labels: bool = True
     reconstruction: bool = True

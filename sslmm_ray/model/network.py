@@ -17,14 +17,18 @@ from .encoders import ModalityEncoder
 from .graph import EdgeTemplate
 from .layers import Propagation
 
-# Measured by ``sslmm_ray.bench.model`` (docs/MODEL.md): dense masked attention wins on every
-# preset shape; the edge list only pays off for large, sparse (windowed) graphs.
-DENSE_MAX_NODES = 64
+# Measured by ``sslmm_ray.bench.model`` and a K sweep (docs/MODEL.md, 1 CPU thread): dense masked
+# attention wins on every preset shape and on every full layout up to 150 nodes (4-5x); the
+# edge list wins only for windowed graphs from about 48 nodes on (density < 0.1).
+DENSE_MAX_NODES = 32
 DENSE_MIN_DENSITY = 0.25
 
 
 def resolve_backend(requested: str, num_nodes: int, num_edges: int) -> str:
-    """``auto`` -> dense for small or dense graphs, sparse otherwise (thresholds measured)."""
+    """``auto`` -> dense for small or dense graphs, sparse otherwise (thresholds measured).
+
+    ``num_edges`` is the mean edge count of one sample's edge sets (intra, inter).
+    """
     if requested != "auto":
         return requested
     density = num_edges / max(num_nodes * num_nodes, 1)

@@ -157,8 +157,9 @@ def pretrain_loss(
     nce = contrastive(model, out, cfg.temperature)
     loss = cfg.recon_weight * rec + cfg.contrastive_weight * nce
     hidden = sum(int(s.sum()) for s in select.values())
-    return loss, {"loss": float(loss.detach()), "rec": float(rec.detach()), "nce": float(nce.detach()),
-                  "hidden_segments": float(hidden)}
+    stats = {"loss": loss, "rec": rec, "nce": nce}
+    stats = {k: float(v.detach()) for k, v in stats.items()}
+    return loss, {**stats, "hidden_segments": float(hidden)}
 
 
 def rampup(epoch: int, epochs: int) -> float:
