@@ -1,0 +1,342 @@
+"""The ``sslmm`` command line (typer). Thin: parse, build the config, call the library.
+
+Errors a user can fix (bad config, bad data, bad checkpoint, unreachable storage) print one
+clear line and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sslmm_ray import config as config_mod
+from sslmm_ray.config import ConfigError, ExperimentConfig
+
+app = typer.Typer(
+    help="SSLMM: semi-supervised multimodal sentiment analysis with missing modalities, on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Create, import and inspect datasets.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (figures as ratios measured in one run).",
+                        no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+console = Console(stderr=True)
+out = Console()
+
+
+class Preset(str, Enum):
+    mosi = "mosi"
+    mosei = "mosei"
+    sims = "sims"
+    scalable = "scalable"
+
+
+class Dataset(str, Enum):
+    mosi = "mosi"
+    mosei = "mosei"
+    sims = "sims"
+
+
+class ProtocolChoice(str, Enum):
+    modality = "modality"
+    frame = "frame"
+
+
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="YAML or JSON config file (sections: data, "
+                              "model, pretrain, finetune, tune).")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any config key: --set finetune.tau=0.9 (repeatable)."),
+]
+S3Endpoint = Annotated[
+    str | None,
+    typer.Option("--s3-endpoint", envvar="SSLMM_S3_ENDPOINT",
+                 help="S3 endpoint URL, e.g. http://127.0.0.1:9000 (credentials come from the "
+                      "standard AWS variables and chain)."),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from sslmm_ray.data.sources import DataError
+    from sslmm_ray.storage import StorageError
+    from sslmm_ray.train.checkpoint import CheckpointError
+
+    return (ConfigError, DataError, StorageError, CheckpointError, ValueError, FileNotFoundError)
+
+
+def main() -> None:
+    """Console-script entry: user errors become one line and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except _user_errors() as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+def _build_config(
+    config_file: Path | None, overrides: list[str] | None, **sections: dict[str, Any]
+) -> ExperimentConfig:
+    """File, then --set overrides, then the explicit flags (flags left unset change nothing)."""
+    cfg = config_mod.load(config_file, overrides or [])
+    return config_mod.replace(cfg, **sections)
+
+
+def _emit(result: Any, as_json: bool, table: Table | None = None) -> None:
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+    elif table is not None:
+        out.print(table)
+    else:
+        out.print(result)
+
+
+def metrics_table(title: str, columns: dict[str, dict[str, float] | None]) -> Table:
+    """Rows = metrics, one column per named result."""
+    table = Table(title=title)
+    table.add_column("metric")
+    names = [n for n, r in columns.items() if r]
+    for n in names:
+        table.add_column(n, justify="right")
+    keys: list[str] = []
+    for n in names:
+        keys += [k for k in columns[n] if k not in keys]
+    for k in keys:
+        table.add_row(k, *[f"{columns[n].get(k, float('nan')):.4f}" for n in names])
+    return table
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("synth")
+def data_synth(
+    out_uri: Annotated[str, typer.Option("--out", help="Dataset URI (path, file://, s3://).")],
+    preset: Annotated[Preset, typer.Option(help="Shapes of a real data set.")] = Preset.mosi,
+    scale: Annotated[float, typer.Option(help="Fraction of the real split sizes.")] = 1.0,
+    aligned: Annotated[bool, typer.Option("--aligned", help="Word-aligned lengths.")] = False,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 256,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Generate a synthetic dataset with a real data set's shapes and write the canonical store."""
+    from sslmm_ray.data import store, synth
+    from sslmm_ray.storage import StorageOptions
+
+    if scale <= 0:
+        raise ValueError(f"--scale must be > 0, got {scale}")
+    raw = synth.generate(preset.value, scale=scale, aligned=aligned, seed=seed)
+    manifest = store.write_dataset(
+        raw, out_uri, StorageOptions.from_env(s3_endpoint), shard_rows=shard_rows
+    )
+    _emit({"uri": out_uri, "name": manifest.name, "counts": manifest.counts,
+           "shards": len(manifest.shards)}, as_json)
+
+
+@data_app.command("import-mmsa")
+def data_import_mmsa(
+    pickle_file: Annotated[Path, typer.Argument(help="MMSA processed pickle (trusted, local).")],
+    dataset: Annotated[Dataset, typer.Option(help="Which data set the pickle holds.")],
+    out_uri: Annotated[str, typer.Option("--out", help="Dataset URI (path, file://, s3://).")],
+    shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 256,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Import an MMSA pickle (aligned_50.pkl, unaligned_50.pkl, unaligned_39.pkl)."""
+    from sslmm_ray.data import mmsa, store
+    from sslmm_ray.storage import StorageOptions
+
+    raw = mmsa.load_pickle(pickle_file, dataset.value)
+    manifest = store.write_dataset(
+        raw, out_uri, StorageOptions.from_env(s3_endpoint), shard_rows=shard_rows
+    )
+    _emit({"uri": out_uri, "name": manifest.name, "counts": manifest.counts,
+           "stats": manifest.stats}, as_json)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    uri: Annotated[str, typer.Argument(help="Dataset URI.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Check every shard checksum.")] = False,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Counts, dims, lengths and label statistics per split."""
+    from sslmm_ray.data import store
+    from sslmm_ray.storage import StorageOptions
+
+    options = StorageOptions.from_env(s3_endpoint)
+    info = store.describe(store.open_dataset(uri, options, verify=verify), options)
+    table = Table(title=f"{info['name']} at {uri}")
+    for col in ("split", "count", "label mean", "label std", "pos/neg/zero",
+                *(f"{m} len (min/mean/max)" for m in info["modalities"])):
+        table.add_column(col)
+    for split, s in info["splits"].items():
+        lab = s["label"]
+        table.add_row(
+            split, str(s["count"]), f"{lab['mean']:.3f}", f"{lab['std']:.3f}",
+            f"{lab['positive']}/{lab['negative']}/{lab['zero']}",
+            *(f"{v['min']}/{v['mean']:.1f}/{v['max']}" for v in s["lengths"].values()),
+        )
+    table.caption = "dims: " + ", ".join(
+        f"{m} {s['length']}x{s['dim']}" for m, s in info["modalities"].items()
+    )
+    _emit(info, as_json, table)
+
+
+# --------------------------------------------------------------------------- training
+
+Workers = Annotated[int | None, typer.Option(help="Ray Train workers (DDP).")]
+Gpus = Annotated[bool | None, typer.Option("--gpus/--no-gpus", help="One GPU per worker (nccl).")]
+Epochs = Annotated[int | None, typer.Option(help="Training epochs.")]
+MaxFailures = Annotated[int | None, typer.Option(
+    help="Restarts of a failed worker group from its latest checkpoint.")]
+Seed = Annotated[int | None, typer.Option(help="Seed for splits, masks and initialisation.")]
+
+
+@app.command()
+def pretrain(
+    data: Annotated[str, typer.Option(help="Dataset URI.")],
+    run_dir: Annotated[str, typer.Option(help="Run directory URI (re-use it to resume).")],
+    workers: Workers = None,
+    gpus: Gpus = None,
+    epochs: Epochs = None,
+    max_failures: MaxFailures = None,
+    seed: Seed = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Self-supervised pre-training on every training sample (labels never read)."""
+    from sslmm_ray.train.runner import run_stage
+
+    cfg = _build_config(
+        config, overrides,
+        data={"uri": data, "s3_endpoint": s3_endpoint},
+        pretrain={"workers": workers, "gpus": gpus, "epochs": epochs,
+                  "max_failures": max_failures, "seed": seed},
+    )
+    result = run_stage("pretrain", cfg, run_dir)
+    _emit({"run_dir": result.run_dir, "checkpoint": result.checkpoint, "best": result.best},
+          as_json)
+
+
+@app.command()
+def finetune(
+    data: Annotated[str, typer.Option(help="Dataset URI.")],
+    run_dir: Annotated[str, typer.Option(help="Run directory URI (re-use it to resume).")],
+    label_ratio: Annotated[float | None, typer.Option(help="Fraction of labeled training rows.")] = None,
+    missing_rate: Annotated[float | None, typer.Option(help="Missing-modality rate.")] = None,
+    protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
+    pretrained: Annotated[str | None, typer.Option(
+        help="Pre-training checkpoint or run directory.")] = None,
+    tau: Annotated[float | None, typer.Option(help="Pseudo-label confidence threshold.")] = None,
+    lambda_rec: Annotated[float | None, typer.Option(help="Reconstruction loss weight.")] = None,
+    pseudo_labels: Annotated[bool | None, typer.Option(
+        "--pseudo-labels/--no-pseudo-labels", help="Ablation: pseudo-label loss.")] = None,
+    reconstruction: Annotated[bool | None, typer.Option(
+        "--reconstruction/--no-reconstruction", help="Ablation: reconstruction loss.")] = None,
+    propagation: Annotated[str | None, typer.Option(
+        help="Ablation: alternating | intra | inter.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="graph | early (MLP baseline).")] = None,
+    workers: Workers = None,
+    gpus: Gpus = None,
+    epochs: Epochs = None,
+    max_failures: MaxFailures = None,
+    seed: Seed = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Semi-supervised fine-tuning with modality reconstruction; writes metrics.json."""
+    from sslmm_ray.train.runner import run_stage
+
+    cfg = _build_config(
+        config, overrides,
+        data={"uri": data, "s3_endpoint": s3_endpoint},
+        model={"propagation": propagation, "fusion": fusion},
+        finetune={
+            "label_ratio": label_ratio, "missing_rate": missing_rate,
+            "protocol": protocol.value if protocol else None, "pretrained": pretrained,
+            "tau": tau, "lambda_rec": lambda_rec, "pseudo_labels": pseudo_labels,
+            "reconstruction": reconstruction, "workers": workers, "gpus": gpus,
+            "epochs": epochs, "max_failures": max_failures, "seed": seed,
+        },
+    )
+    result = run_stage("finetune", cfg, run_dir)
+    if as_json:
+        _emit({"run_dir": result.run_dir, "checkpoint": result.checkpoint,
+               "valid": result.best, "test": result.test}, True)
+    else:
+        out.print(metrics_table(f"test metrics ({run_dir})", {"test": result.test}))
+
+
+@app.command()
+def evaluate(
+    data: Annotated[str, typer.Option(help="Dataset URI.")],
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint or run directory (its best).")],
+    split: Annotated[str, typer.Option(help="train | valid | test.")] = "test",
+    missing_rate: Annotated[float | None, typer.Option(
+        help="Test missing rate (default: the one the checkpoint trained under).")] = None,
+    protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
+    seed: Seed = None,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """MMSA metrics of a checkpoint on a split."""
+    from sslmm_ray import ray_env
+    from sslmm_ray.storage import StorageOptions
+    from sslmm_ray.train.evaluate import evaluate_checkpoint
+
+    ray_env.init()
+    result = evaluate_checkpoint(
+        checkpoint, data, StorageOptions.from_env(s3_endpoint), split=split,
+        missing_rate=missing_rate, protocol=protocol.value if protocol else None, seed=seed,
+    )
+    _emit(result, as_json, metrics_table(f"{split} metrics", {checkpoint: result}))
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Where the demo writes data and runs.")] = Path(
+        "demo_runs"),
+    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.25,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 8,
+    workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
+) -> None:
+    """Synthetic data -> semi-supervised fine-tuning on Ray (2 DDP workers) -> test metrics."""
+    from sslmm_ray.demo import run_demo
+
+    run_demo(work_dir=work_dir.resolve(), scale=scale, epochs=epochs, workers=workers,
+             console=out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Ray Data streaming: Parquet shards -> decoded tensors with the protocols applied.
+
+``read_parquet`` over one split's shards (explicit filesystem), a file-order shuffle that is
+reseeded every execution (so every epoch sees a new order), and ``map_batches`` that decodes
+rows and applies :mod:`sslmm_ray.data.protocols`. Training adds a local shuffle buffer in
+``iter_torch_batches``; there is no global shuffle barrier in the hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+from ray.data import FileShuffleConfig
+
+from sslmm_ray import storage
+from sslmm_ray.config import ExperimentConfig, FinetuneConfig
+from sslmm_ray.data import protocols
+from sslmm_ray.data.store import Manifest, ModalitySpec, decode_table, iter_split_tables
+from sslmm_ray.storage import StorageOptions
+
+DECODE_BATCH_ROWS = 64
+
+
+def _decode(
+    table: pa.Table, modalities: dict[str, ModalitySpec], spec: protocols.ProtocolSpec
+) -> dict[str, np.ndarray]:
+    return protocols.apply(decode_table(table, modalities), spec)
+
+
+def split_dataset(
+    manifest: Manifest,
+    split: str,
+    spec: protocols.ProtocolSpec,
+    options: StorageOptions | None = None,
+    *,
+    shuffle_seed: int | None = None,
+) -> ray.data.Dataset:
+    """One split as a Ray Dataset of model batches (docs/CONTRACTS.md)."""
+    uris = manifest.shard_uris(split)
+    if not uris:
+        raise ValueError(f"{manifest.uri}: split '{split}' has no shards")
+    fs, _ = storage.resolve(manifest.uri, options)
+    paths = [storage.resolve(u, options)[1] for u in uris]
+    shuffle = None
+    if shuffle_seed is not None:
+        shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
+    return ds.map_batches(
+        _decode,
+        batch_format="pyarrow",
+        batch_size=DECODE_BATCH_ROWS,
+        fn_kwargs={"modalities": manifest.modalities, "spec": spec},
+    )
+
+
+def train_labeled_keys(
+    manifest: Manifest, ratio: float, seed: int, options: StorageOptions | None = None
+) -> np.ndarray | None:
+    """The labeled training keys, from the id and label columns only (cheap)."""
+    if ratio >= 1.0:
+        return None
+    tables = list(iter_split_tables(manifest, "train", options, columns=["id", "label"]))
+    table = pa.concat_tables(tables)
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    labels = table.column("label").to_numpy()
+    return protocols.labeled_keys(ids, labels, ratio, seed)
+
+
+def finetune_specs(
+    manifest: Manifest, ft: FinetuneConfig, options: StorageOptions | None = None
+) -> dict[str, protocols.ProtocolSpec]:
+    """Per split: the same missingness everywhere, labels withheld on train only."""
+    labeled = train_labeled_keys(manifest, ft.label_ratio, ft.seed, options)
+    common: dict[str, Any] = {
+        "missing_rate": ft.missing_rate,
+        "protocol": ft.protocol,
+        "seed": ft.seed,
+    }
+    return {
+        "train": protocols.ProtocolSpec(**common, labeled_keys=labeled),
+        "valid": protocols.ProtocolSpec(**common),
+        "test": protocols.ProtocolSpec(**common),
+    }
+
+
+def finetune_datasets(
+    manifest: Manifest, cfg: ExperimentConfig, options: StorageOptions | None = None
+) -> dict[str, ray.data.Dataset]:
+    specs = finetune_specs(manifest, cfg.finetune, options)
+    return {
+        "train": split_dataset(
+            manifest, "train", specs["train"], options, shuffle_seed=cfg.finetune.seed
+        ),
+        "valid": split_dataset(manifest, "valid", specs["valid"], options),
+    }
+
+
+def pretrain_datasets(
+    manifest: Manifest, cfg: ExperimentConfig, options: StorageOptions | None = None
+) -> dict[str, ray.data.Dataset]:
+    """All training rows, nothing hidden but what the data itself lacks; labels withheld."""
+    spec = protocols.ProtocolSpec(seed=cfg.pretrain.seed, labeled_keys=np.zeros(0, np.uint64))
+    return {
+        "train": split_dataset(manifest, "train", spec, options, shuffle_seed=cfg.pretrain.seed),
+        "valid": split_dataset(manifest, "valid", spec, options),
+    }

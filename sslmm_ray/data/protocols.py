@@ -1,0 +1,192 @@
+"""The experimental protocols, in the one place every stage calls.
+
+* Label ratio: a seeded subset of the training split, stratified by sentiment sign, keeps its
+  labels; the others get label 0 and ``labeled=False`` *before* any batch leaves this module, so
+  no loss can read a withheld label.
+* Missing modalities, two protocols:
+
+  - ``modality`` (default): each (sample, modality) is missing, at least one modality kept per
+    sample. Drawing each with probability ``r`` and then restoring one of the all-missing samples
+    would miss fewer than ``r`` of the modalities, so the per-draw probability ``q`` is calibrated
+    to ``q - q**3 / 3 = r``: the fraction of missing (sample, modality) pairs is then ``r``. With
+    three modalities and one kept, at most 2/3 can be missing; a larger ``r`` leaves exactly one
+    modality per sample (a warning says so).
+  - ``frame``: each valid frame of each modality is missing with probability ``r``; a sample
+    left with no frame at all keeps its frame with the largest draw.
+
+Randomness is a counter-based hash of ``(seed, sample id, stream, position)`` (splitmix64),
+vectorised over the batch: the same sample gets the same mask in every split, batch, worker,
+epoch and process, whatever the batch composition. Missing content is zeroed here, before the
+model sees it, and the model gets the observed-frame masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from sslmm_ray.config import MODALITIES
+
+log = logging.getLogger(__name__)
+
+MAX_MODALITY_RATE = 2.0 / 3.0
+_U64 = np.uint64
+_STREAM_LABEL = 1
+_STREAM_MODALITY = 2
+_STREAM_FRAME = 3
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _U64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+        return z ^ (z >> _U64(31))
+
+
+def sample_keys(ids: np.ndarray | list[str]) -> np.ndarray:
+    """A stable 64-bit key per sample id (independent of row order and process)."""
+    ids = np.asarray(ids, dtype=object)
+    lo = np.fromiter((zlib.crc32(str(i).encode()) for i in ids), dtype=np.uint64, count=len(ids))
+    hi = np.fromiter(
+        (zlib.adler32(str(i).encode()) for i in ids), dtype=np.uint64, count=len(ids)
+    )
+    return (hi << _U64(32)) | lo
+
+
+def uniforms(seed: int, keys: np.ndarray, stream: int, width: int = 1) -> np.ndarray:
+    """``(len(keys), width)`` uniforms in [0, 1), a pure function of (seed, key, stream, col)."""
+    base = _splitmix64(_splitmix64(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], _U64)) ^ _U64(stream))
+    h = _splitmix64(keys.astype(_U64)[:, None] ^ base)
+    h = _splitmix64(h + np.arange(width, dtype=_U64)[None, :])
+    return (h >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def labeled_mask(ids: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Which training rows keep their label: ``round(ratio * n)`` per sentiment-sign stratum."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"label ratio must be in (0, 1], got {ratio}")
+    keys = sample_keys(ids)
+    u = uniforms(seed, keys, _STREAM_LABEL)[:, 0]
+    signs = np.sign(np.asarray(labels, np.float64))
+    keep = np.zeros(len(keys), dtype=bool)
+    for s in (-1.0, 0.0, 1.0):
+        members = np.flatnonzero(signs == s)
+        n_keep = int(round(ratio * len(members)))
+        if n_keep:
+            keep[members[np.argsort(u[members], kind="stable")[:n_keep]]] = True
+    if len(keys) and not keep.any():
+        keep[np.argmin(u)] = True
+    return keep
+
+
+def calibrated_draw_prob(rate: float) -> float:
+    """The per-(sample, modality) probability whose at-least-one-kept result misses ``rate``."""
+    if rate <= 0.0:
+        return 0.0
+    if rate >= MAX_MODALITY_RATE:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mid - mid**3 / 3 < rate:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def modality_presence(keys: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """``(N, 3)`` bool: which modalities each sample keeps (modality-level protocol)."""
+    u = uniforms(seed, keys, _STREAM_MODALITY, width=len(MODALITIES))
+    present = u >= calibrated_draw_prob(rate)
+    none = ~present.any(axis=1)
+    present[none, np.argmax(u[none], axis=1)] = True
+    return present
+
+
+def frame_observed(
+    keys: np.ndarray, lengths: dict[str, np.ndarray], max_len: dict[str, int], rate: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Per modality ``(N, T)`` bool: valid frames that survive the frame-level protocol."""
+    total = sum(max_len[m] for m in MODALITIES)
+    u = uniforms(seed, keys, _STREAM_FRAME, width=total)
+    valid = np.concatenate(
+        [np.arange(max_len[m])[None, :] < lengths[m][:, None] for m in MODALITIES], axis=1
+    )
+    observed = valid & (u >= rate)
+    empty = ~observed.any(axis=1)
+    if empty.any():
+        best = np.argmax(np.where(valid[empty], u[empty], -1.0), axis=1)
+        observed[np.flatnonzero(empty), best] = True
+    out, start = {}, 0
+    for m in MODALITIES:
+        out[m] = observed[:, start : start + max_len[m]]
+        start += max_len[m]
+    return out
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """Everything that decides what a batch hides: rates, protocol, seed, labeled keys."""
+
+    missing_rate: float = 0.0
+    protocol: Literal["modality", "frame"] = "modality"
+    seed: int = 0
+    labeled_keys: np.ndarray | None = None  # sorted uint64 keys; None = every row labeled
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.missing_rate < 1.0:
+            raise ValueError(f"missing rate must be in [0, 1), got {self.missing_rate}")
+        if self.protocol not in ("modality", "frame"):
+            raise ValueError(f"protocol must be 'modality' or 'frame', got {self.protocol!r}")
+        if self.protocol == "modality" and self.missing_rate > MAX_MODALITY_RATE:
+            log.warning(
+                "modality-level missing rate %.2f > 2/3: every sample keeps exactly one "
+                "modality (effective rate 2/3)",
+                self.missing_rate,
+            )
+
+
+def observed_masks(arrays: dict[str, Any], spec: ProtocolSpec) -> dict[str, np.ndarray]:
+    """Per modality ``(N, T)`` masks of frames that are valid and observed under ``spec``."""
+    keys = sample_keys(arrays["id"])
+    max_len = {m: arrays[m].shape[1] for m in MODALITIES}
+    lengths = {m: np.asarray(arrays[f"{m}_len"]) for m in MODALITIES}
+    if spec.protocol == "frame" and spec.missing_rate > 0:
+        return frame_observed(keys, lengths, max_len, spec.missing_rate, spec.seed)
+    masks = {m: np.arange(max_len[m])[None, :] < lengths[m][:, None] for m in MODALITIES}
+    if spec.missing_rate > 0:
+        present = modality_presence(keys, spec.missing_rate, spec.seed)
+        for j, m in enumerate(MODALITIES):
+            masks[m] &= present[:, j : j + 1]
+    return masks
+
+
+def apply(arrays: dict[str, Any], spec: ProtocolSpec) -> dict[str, np.ndarray]:
+    """Decoded rows -> the model batch (docs/CONTRACTS.md), with hidden content removed."""
+    keys = sample_keys(arrays["id"])
+    masks = observed_masks(arrays, spec)
+    batch: dict[str, np.ndarray] = {"index": keys.view(np.int64)}
+    for m in MODALITIES:
+        mask = masks[m]
+        batch[m] = np.where(mask[:, :, None], arrays[m], np.float32(0.0)).astype(np.float32)
+        batch[f"{m}_mask"] = mask
+    if spec.labeled_keys is None:
+        labeled = np.ones(len(keys), dtype=bool)
+    else:
+        labeled = np.isin(keys, spec.labeled_keys, assume_unique=False)
+    batch["labeled"] = labeled
+    batch["label"] = np.where(labeled, np.asarray(arrays["label"], np.float32), np.float32(0.0))
+    return batch
+
+
+def labeled_keys(ids: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Sorted keys of the labeled training rows, to ship to Ray Data tasks."""
+    keep = labeled_mask(ids, labels, ratio, seed)
+    return np.sort(sample_keys(ids)[keep])

@@ -1,0 +1,100 @@
+"""The one way every command gets a Ray cluster.
+
+Attach to ``RAY_ADDRESS`` when it is set (``ray job submit`` sets it; so does a user pointing at
+a cluster). Otherwise start a local Ray whose logical CPU count leaves headroom above the physical
+cores: Ray Data's read and map tasks need CPU slots while the Train workers hold theirs, and on a
+2-core machine a 1:1 mapping stalls streaming with no error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+log = logging.getLogger(__name__)
+
+#: Logical CPUs per physical core on a local cluster (see module docstring).
+LOCAL_CPU_OVERSUBSCRIPTION = 2
+#: Logical CPUs kept free for Ray Data tasks when planning Train workers.
+DATA_HEADROOM_CPUS = 1.0
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    address: str
+    cpus: float
+    gpus: float
+    local: bool
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress bars and plans flood the logs of every epoch."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def init(num_cpus: int | None = None, *, quiet: bool = True) -> ClusterInfo:
+    """Connect to (or start) Ray once per process and describe what is there."""
+    address = os.environ.get("RAY_ADDRESS")
+    local = not address
+    if not ray.is_initialized():
+        kwargs: dict = {"log_to_driver": True, "configure_logging": True}
+        if quiet:
+            kwargs["logging_level"] = logging.WARNING
+        if local:
+            cores = os.cpu_count() or 1
+            kwargs["num_cpus"] = num_cpus or max(4, cores * LOCAL_CPU_OVERSUBSCRIPTION)
+            kwargs["include_dashboard"] = False
+            ray.init(**kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    quiet_ray_data()
+    resources = ray.cluster_resources()
+    info = ClusterInfo(
+        address=address or "local",
+        cpus=float(resources.get("CPU", 0.0)),
+        gpus=float(resources.get("GPU", 0.0)),
+        local=local,
+    )
+    log.info("ray cluster: %s", info)
+    return info
+
+
+def worker_resources(cpus_per_worker: float, use_gpu: bool) -> dict[str, float]:
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1.0
+    return resources
+
+
+def check_fits(
+    info: ClusterInfo, *, workers: int, cpus_per_worker: float, use_gpu: bool, what: str
+) -> None:
+    """Fail before anything runs when a plan cannot fit the cluster.
+
+    On an autoscaling cluster the resources may not exist yet; the check applies to fixed-size
+    clusters only (``SSLMM_AUTOSCALING=1`` turns it off).
+    """
+    if os.environ.get("SSLMM_AUTOSCALING") == "1":
+        return
+    need_cpu = workers * cpus_per_worker + DATA_HEADROOM_CPUS
+    if need_cpu > info.cpus + 1e-9:
+        raise ValueError(
+            f"{what} needs {need_cpu:g} logical CPUs ({workers} workers x {cpus_per_worker:g} "
+            f"CPU + {DATA_HEADROOM_CPUS:g} for Ray Data) but the cluster has {info.cpus:g}; "
+            "use fewer workers, a smaller --cpus-per-worker, or a bigger cluster "
+            "(SSLMM_AUTOSCALING=1 if it autoscales)"
+        )
+    if use_gpu and workers > info.gpus:
+        raise ValueError(
+            f"{what} needs {workers} GPUs but the cluster has {info.gpus:g}; "
+            "drop --gpus or use fewer workers"
+        )

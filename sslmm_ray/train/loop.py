@@ -1,0 +1,244 @@
+"""The train-loop function that every Ray Train worker runs, for both stages.
+
+One function, parameterised by the stage: pre-training minimises the self-supervised objective
+and is judged by its validation loss; fine-tuning minimises the semi-supervised objective with an
+EMA teacher and is judged by the validation headline metric. Each epoch ends with one
+``ray.train.report`` carrying the metrics and a checkpoint (written by rank 0), so that Ray keeps
+the best and the latest and a restarted worker group resumes from the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from sslmm_ray import metrics as mmsa
+from sslmm_ray.config import ExperimentConfig, TrainingConfig, from_dict
+from sslmm_ray.model import build_model, ema_update, finetune_loss, make_teacher, pretrain_loss
+from sslmm_ray.ray_env import quiet_ray_data
+from sslmm_ray.storage import StorageOptions
+from sslmm_ray.train import checkpoint as ckpt
+from sslmm_ray.train.runlog import RunLog
+
+Batch = dict[str, torch.Tensor]
+
+
+def stage_config(cfg: ExperimentConfig, stage: str) -> TrainingConfig:
+    return cfg.pretrain if stage == "pretrain" else cfg.finetune
+
+
+def selection(stage: str, family: str) -> tuple[str, str]:
+    """(metric, mode) that picks the best checkpoint of a stage."""
+    if stage == "pretrain":
+        return "valid_loss", "min"
+    return f"valid_{mmsa.headline_metric(family)}", "max"
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device):
+    """Predictions and labels over an iterable of batches (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    preds, labels = [], []
+    for batch in batches:
+        out = model(_to_device(batch, device))
+        preds.append(out.pred.float().cpu())
+        labels.append(batch["label"].float().cpu())
+    model.train(was_training)
+    if not preds:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+
+
+@torch.no_grad()
+def _pretrain_valid_loss(model, batches, cfg, device) -> float:
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    total, n = 0.0, 0
+    for batch in batches:
+        batch = _to_device(batch, device)
+        loss, _ = pretrain_loss(model, batch, cfg, gen)
+        b = len(batch["index"])
+        total += float(loss) * b
+        n += b
+    model.train()
+    return total / max(n, 1)
+
+
+def ema_decay(target: float, step: int) -> float:
+    """Mean Teacher's warm-up: average over the steps so far until ``target`` is reached."""
+    return min(target, (1.0 + step) / (10.0 + step))
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank (early-stopping decisions must agree)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _protocol_of(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
+    if stage == "pretrain":
+        return {"missing_rate": 0.0, "protocol": "modality", "seed": cfg.pretrain.seed}
+    ft = cfg.finetune
+    return {"missing_rate": ft.missing_rate, "protocol": ft.protocol, "seed": ft.seed}
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry: ``loop_config`` holds the stage, the config dict and shapes."""
+    quiet_ray_data()
+    stage: str = loop_config["stage"]
+    cfg = from_dict(loop_config["config"], "train loop")
+    dims, lengths, family = loop_config["dims"], loop_config["lengths"], loop_config["family"]
+    scfg = stage_config(cfg, stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    torch.manual_seed(scfg.seed)
+    random.seed(scfg.seed)
+    torch.set_num_threads(max(1, int(scfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    model_cfg = cfg.model
+    model = build_model(model_cfg, dims, lengths)
+    if loop_config.get("pretrained"):
+        _, pre = ckpt.load(loop_config["pretrained"], StorageOptions.from_env(cfg.data.s3_endpoint))
+        model.load_state_dict(pre["model"])
+    teacher = None
+    if stage == "finetune":
+        teacher = make_teacher(model)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=scfg.epochs)
+    start_epoch, best, bad_epochs, step = 0, None, 0, 0
+    history: list[dict[str, float]] = []
+
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        _, state = ckpt.load_ray_checkpoint(resume)
+        model.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if teacher is not None and state.get("teacher") is not None:
+            teacher.load_state_dict(state["teacher"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_epoch = int(state["epoch"]) + 1
+        best = state.get("best")
+        bad_epochs = int(state.get("bad_epochs", 0))
+        step = int(state.get("step", 0))
+        history = list(state.get("history", []))
+
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    core = model.module if hasattr(model, "module") else model
+    if teacher is not None:
+        teacher.to(device)
+
+    metric, mode = selection(stage, family)
+    run_log = RunLog(loop_config["run_dir"], StorageOptions.from_env(cfg.data.s3_endpoint))
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    batch_size = max(1, scfg.batch_size // world)
+
+    for epoch in range(start_epoch, scfg.epochs):
+        gen = torch.Generator().manual_seed(scfg.seed * 100_003 + epoch * 1009 + rank)
+        totals: dict[str, float] = {}
+        steps = 0
+        for batch in train_shard.iter_torch_batches(
+            batch_size=batch_size,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=scfg.seed + epoch if cfg.data.shuffle_buffer else None,
+        ):
+            batch = _to_device(batch, device)
+            if stage == "pretrain":
+                loss, stats = pretrain_loss(model, batch, cfg.pretrain, gen)
+            else:
+                loss, stats = finetune_loss(model, teacher, batch, cfg.finetune, epoch, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if scfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), scfg.grad_clip)
+            optimizer.step()
+            if teacher is not None:
+                ema_update(teacher, core, ema_decay(cfg.finetune.ema_decay, step))
+            step += 1
+            totals["loss"] = totals.get("loss", 0.0) + float(loss)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            steps += 1
+        scheduler.step()
+
+        report: dict[str, Any] = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
+        report["epoch"] = epoch
+        report["lr"] = scheduler.get_last_lr()[0]
+        if rank == 0:
+            valid_batches = valid_shard.iter_torch_batches(batch_size=256)
+            if stage == "pretrain":
+                report["valid_loss"] = _pretrain_valid_loss(core, valid_batches, cfg.pretrain, device)
+            else:
+                evaluated = teacher if teacher is not None else core
+                preds, labels = predict(evaluated, valid_batches, device)
+                for k, v in mmsa.compute_metrics(preds, labels, family).items():
+                    report[f"valid_{k}"] = v
+            value = report[metric]
+            improved = best is None or (value < best if mode == "min" else value > best)
+            if improved:
+                best, bad_epochs = value, 0
+            else:
+                bad_epochs += 1
+        stop = scfg.patience > 0 and bad_epochs >= scfg.patience
+        best, bad_epochs, stop = _broadcast((best, bad_epochs, stop))
+        report["best_" + metric] = best if best is not None else math.nan
+        if rank == 0:
+            history.append({k: float(v) for k, v in report.items()})
+            run_log.write(history)
+
+        with tempfile.TemporaryDirectory(prefix="sslmm-ckpt-") as tmp:
+            checkpoint = None
+            if rank == 0:
+                meta = ckpt.CheckpointMeta(
+                    stage=stage,
+                    epoch=epoch,
+                    metrics={k: float(v) for k, v in report.items()},
+                    model=dataclasses.asdict(model_cfg),
+                    dims=dict(dims),
+                    lengths=dict(lengths),
+                    dataset=loop_config["dataset"],
+                    protocol=_protocol_of(cfg, stage),
+                )
+                # "model" is what inference uses: the EMA teacher when there is one.
+                state = {
+                    "model": (teacher if teacher is not None else core).state_dict(),
+                    "student": core.state_dict(),
+                    "teacher": teacher.state_dict() if teacher is not None else None,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "bad_epochs": bad_epochs,
+                    "step": step,
+                    "history": history,
+                    "rng": {"torch": torch.get_rng_state()},
+                }
+                ckpt.save(tmp, meta, state)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(report, checkpoint=checkpoint)
+        if stop:
+            break

@@ -1,0 +1,157 @@
+"""Driver side of a training stage: plan, launch the ``TorchTrainer``, publish the outputs.
+
+A run directory (local or S3) is Ray Train's run folder (``storage_path/name``): Ray writes the
+checkpoints there, and this module adds ``config.json`` (before training), ``best.json`` and
+``metrics.json`` (after). Running the same stage with the same run directory resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from sslmm_ray import ray_env, storage
+from sslmm_ray.config import ExperimentConfig, ModelConfig, from_dict
+from sslmm_ray.data import pipeline, store
+from sslmm_ray.storage import StorageOptions
+from sslmm_ray.train import checkpoint as ckpt
+from sslmm_ray.train.evaluate import evaluate_checkpoint
+from sslmm_ray.train.loop import selection, stage_config, train_loop
+from sslmm_ray.train.runlog import RunLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    run_dir: str
+    checkpoint: str
+    best: dict[str, Any]
+    history: list[dict[str, Any]]
+    test: dict[str, float] | None = None
+
+
+def _split_run_dir(run_dir: str) -> tuple[str, str]:
+    run_dir = run_dir.rstrip("/")
+    parent, _, name = run_dir.rpartition("/")
+    if not name or not parent:
+        raise ValueError(f"run directory '{run_dir}' needs a parent folder and a name")
+    return parent, name
+
+
+def _with_pretrained_model(
+    cfg: ExperimentConfig, options: StorageOptions
+) -> tuple[ExperimentConfig, str | None]:
+    """Fine-tuning from a checkpoint uses the architecture that checkpoint was trained with."""
+    uri = cfg.finetune.pretrained
+    if not uri:
+        return cfg, None
+    uri = ckpt.resolve(uri, options)
+    meta, _ = ckpt.load(uri, options)
+    if meta.stage != "pretrain":
+        log.warning("--pretrained %s is a %s checkpoint; using its weights anyway", uri, meta.stage)
+    data = cfg.to_dict()
+    data["model"] = dataclasses.asdict(ModelConfig(**meta.model))
+    return from_dict(data, f"model config of {uri}"), uri
+
+
+def run_stage(
+    stage: str, cfg: ExperimentConfig, run_dir: str, *, evaluate_test: bool = True
+) -> StageResult:
+    """Train one stage end to end and publish its outputs in ``run_dir``."""
+    if stage not in ("pretrain", "finetune"):
+        raise ValueError(f"unknown stage {stage!r}")
+    options = StorageOptions.from_env(cfg.data.s3_endpoint)
+    scfg = stage_config(cfg, stage)
+    info = ray_env.init()
+    ray_env.check_fits(
+        info,
+        workers=scfg.workers,
+        cpus_per_worker=scfg.cpus_per_worker,
+        use_gpu=scfg.gpus,
+        what=f"{stage} with {scfg.workers} workers",
+    )
+    manifest = store.open_dataset(cfg.data.uri, options)
+    pretrained = None
+    if stage == "finetune":
+        cfg, pretrained = _with_pretrained_model(cfg, options)
+        datasets = pipeline.finetune_datasets(manifest, cfg, options)
+    else:
+        datasets = pipeline.pretrain_datasets(manifest, cfg, options)
+
+    storage.write_json(storage.join(run_dir, "config.json"), cfg.to_dict(), options)
+    parent, name = _split_run_dir(run_dir)
+    storage_path, fs = storage.ray_storage(parent, options)
+    metric, mode = selection(stage, manifest.family)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "stage": stage,
+            "config": cfg.to_dict(),
+            "dims": manifest.dims,
+            "lengths": manifest.lengths,
+            "family": manifest.family,
+            "dataset": manifest.name,
+            "pretrained": pretrained,
+            "run_dir": run_dir,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scfg.workers,
+            use_gpu=scfg.gpus,
+            resources_per_worker=ray_env.worker_resources(scfg.cpus_per_worker, scfg.gpus),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=mode,
+            ),
+            failure_config=FailureConfig(max_failures=scfg.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    best_ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
+    if best_ckpt is None:
+        raise RuntimeError(f"{stage} run {run_dir} finished without a checkpoint")
+    best_uri = _checkpoint_uri(run_dir, best_ckpt)
+    best_metrics = _metrics_of(best_uri, options)
+    ckpt.write_best(run_dir, best_uri, best_metrics, options)
+    history = RunLog.read(run_dir, options)
+
+    test = None
+    if stage == "finetune" and evaluate_test:
+        test = evaluate_checkpoint(best_uri, cfg.data.uri, options, split="test")
+    summary = {
+        "stage": stage,
+        "checkpoint": best_uri,
+        "selection": {"metric": metric, "mode": mode},
+        "valid": {
+            k.removeprefix("valid_"): v for k, v in best_metrics.items() if k.startswith("valid_")
+        },
+        "test": test,
+        "epochs": len(history),
+    }
+    storage.write_json(storage.join(run_dir, "metrics.json"), summary, options)
+    return StageResult(run_dir, best_uri, best_metrics, history, test)
+
+
+def _checkpoint_uri(run_dir: str, checkpoint: ray.train.Checkpoint) -> str:
+    """The checkpoint's address in the user's URI scheme (Ray reports fs-relative paths)."""
+    leaf = checkpoint.path.rstrip("/").rpartition("/")[2]
+    return storage.join(run_dir, leaf)
+
+
+def _metrics_of(checkpoint_uri: str, options: StorageOptions) -> dict[str, Any]:
+    meta = storage.read_json(storage.join(checkpoint_uri, ckpt.META), options)
+    return meta.get("metrics", {})
