@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 
 def segment_assignment(mask: Tensor, segments: int) -> Tensor:
-    """One-hot (B, T, K) assignment of frames to ``segments`` equal slices of each sample's span.
+    """Boolean one-hot (B, T, K) map of frames to ``segments`` equal slices of the span.
 
     The span runs from frame 0 to the last observed frame, so a short sequence is cut into K
     slices of its own length (not of the padded T); with frame-level missingness the holes
@@ -24,7 +24,8 @@ def segment_assignment(mask: Tensor, segments: int) -> Tensor:
     positions = torch.arange(1, t + 1, device=mask.device)
     span = (mask * positions).amax(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
     seg = torch.div((positions - 1) * segments, span, rounding_mode="floor").clamp(max=segments - 1)
-    return F.one_hot(seg, segments) * mask.unsqueeze(-1)
+    assign = torch.zeros(b, t, segments, dtype=torch.bool, device=mask.device)
+    return assign.scatter_(2, seg.unsqueeze(-1), mask.unsqueeze(-1))
 
 
 def segment_pool(values: Tensor, assign: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,15 +76,15 @@ class ModalityEncoder(nn.Module):
         assign = segment_assignment(mask, self.segments)  # from the input, not the hidden view
         targets, segment_valid = segment_pool(x, assign)
         if hide is not None:
-            keep_frames = mask & ~(assign * hide.unsqueeze(1)).any(dim=-1)
-            assign = assign * keep_frames.unsqueeze(-1)
+            keep_frames = mask & ~(assign & hide.unsqueeze(1)).any(dim=-1)
+            assign = assign & keep_frames.unsqueeze(-1)
         else:
             keep_frames = mask
         keep = keep_frames.unsqueeze(-1).to(x.dtype)
         t = x.size(1)
         h = (self.proj(x) + self.position.weight[:t]) * keep
-        h = self.norm(h + F.gelu(self.temporal(h.transpose(1, 2)).transpose(1, 2)))
-        h = self.drop(h) * keep
-        pooled, node_valid = segment_pool(h, assign)
-        nodes = torch.where(node_valid.unsqueeze(-1), pooled, self.missing)
+        h = self.norm(h + F.gelu(self.temporal(h.transpose(1, 2))).transpose(1, 2))
+        pooled, node_valid = segment_pool(h, assign)  # weights are 0 on dropped frames
+        # Dropout on the K nodes rather than the T frames: same regularisation, T/K times cheaper.
+        nodes = torch.where(node_valid.unsqueeze(-1), self.drop(pooled), self.missing)
         return nodes + self.segment_embedding, node_valid, segment_valid, targets

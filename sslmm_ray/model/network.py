@@ -110,9 +110,10 @@ class SSLMM(_Base):
             cfg.backend, self.num_nodes, sum(t.num_edges for t in templates) // len(templates)
         )
         self.propagation = Propagation(templates, h, cfg.heads, cfg.iterations, cfg.dropout)
-        self.gates = nn.ModuleDict({m: nn.Linear(h, 1) for m in self.modalities})
+        # No bias: a softmax is shift-invariant, the bias would never receive a gradient.
+        self.gates = nn.ModuleDict({m: nn.Linear(h, 1, bias=False) for m in self.modalities})
         self.presence = nn.Embedding(2, h)  # tells fusion whether a readout is observed or imputed
-        self.fusion_gate = nn.Linear(h, 1)
+        self.fusion_gate = nn.Linear(h, 1, bias=False)
         self.fusion_norm = nn.LayerNorm(h)
         self.decoders = nn.ModuleDict(
             {m: nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, self.dims[m]))
