@@ -199,3 +199,15 @@ def test_deterministic_with_fixed_seed_in_training_mode():
 
     (p1, g1), (p2, g2) = once(), once()
     assert torch.equal(p1, p2) and torch.equal(g1, g2)
+
+
+def test_benchmark_returns_json_able_figures():
+    import json
+
+    from sslmm_ray.bench.model import run
+
+    result = json.loads(json.dumps(run(batch_size=2, steps=1)))
+    for layout in ("aligned", "unaligned"):
+        row = result["layouts"][layout]
+        assert row["sparse"]["samples_per_s"] > 0 and row["dense"]["saved_activation_mb"] > 0
+        assert row["ratio_dense_over_sparse"] > 0 and row["auto"] == "dense"
