@@ -1,0 +1,39 @@
+"""Shared body of the ``ray job submit`` entry points in this folder.
+
+Each entry point is ``sslmm <subcommand>`` under another name: it takes exactly the options of
+that subcommand (``python jobs/finetune.py --help`` prints them) and exits with the CLI's status,
+so a user error (bad option, bad config, unreachable storage) fails the Ray job with the CLI's
+one-line message in ``ray job logs``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+#: The repository root when this file runs from a checkout or from a job's working_dir.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(subcommand: str) -> None:
+    """Run ``sslmm <subcommand> <this script's arguments>``."""
+    # `python jobs/x.py` puts jobs/ (not the working_dir) first on sys.path. When the job ships
+    # the package in its working_dir, import that copy: it is the one the Train workers import
+    # (Ray puts the working_dir on their path), so driver and workers run the same code.
+    if (ROOT / "sslmm_ray" / "__init__.py").is_file() and str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from sslmm_ray.cli import main
+
+    sys.argv = ["sslmm", *subcommand.split(), *sys.argv[1:]]
+    try:
+        main()
+    except Exception as err:
+        # A usage error (unknown option, bad value) must end the job with click's one-line
+        # message and status 2, not a traceback. typer >= 0.29 vendors click as typer._click,
+        # whose exceptions are not click.ClickException, so match on the interface.
+        if callable(getattr(err, "show", None)) and isinstance(
+            getattr(err, "exit_code", None), int
+        ):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
