@@ -22,8 +22,8 @@ model sees it, and the model gets the observed-frame masks.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,13 +49,20 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def sample_keys(ids: np.ndarray | list[str]) -> np.ndarray:
-    """A stable 64-bit key per sample id (independent of row order and process)."""
-    ids = np.asarray(ids, dtype=object)
-    lo = np.fromiter((zlib.crc32(str(i).encode()) for i in ids), dtype=np.uint64, count=len(ids))
-    hi = np.fromiter(
-        (zlib.adler32(str(i).encode()) for i in ids), dtype=np.uint64, count=len(ids)
+    """A stable 64-bit key per sample id: BLAKE2b-64 of its UTF-8 bytes.
+
+    A cryptographic digest, not a checksum pair: keys decide label membership, so two ids must
+    not collide (CRC-style sums of similar ids can). Independent of row order and process.
+    """
+    ids = np.asarray(ids, dtype=object).reshape(-1)
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little")
+            for i in ids
+        ),
+        dtype=np.uint64,
+        count=len(ids),
     )
-    return (hi << _U64(32)) | lo
 
 
 def uniforms(seed: int, keys: np.ndarray, stream: int, width: int = 1) -> np.ndarray:
@@ -131,9 +138,14 @@ def frame_observed(
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ProtocolSpec:
-    """Everything that decides what a batch hides: rates, protocol, seed, labeled keys."""
+    """Everything that decides what a batch hides: rates, protocol, seed, labeled keys.
+
+    ``labeled_keys`` (from :func:`labeled_keys`) lists the rows that keep their label; ``None``
+    means every row is labeled (valid, test), an empty array that none is (pre-training).
+    Compared by identity (it holds an array); small enough to ship to every Ray Data task.
+    """
 
     missing_rate: float = 0.0
     protocol: Literal["modality", "frame"] = "modality"
@@ -145,6 +157,9 @@ class ProtocolSpec:
             raise ValueError(f"missing rate must be in [0, 1), got {self.missing_rate}")
         if self.protocol not in ("modality", "frame"):
             raise ValueError(f"protocol must be 'modality' or 'frame', got {self.protocol!r}")
+        if self.labeled_keys is not None:
+            keys = np.unique(np.asarray(self.labeled_keys, dtype=np.uint64).reshape(-1))
+            object.__setattr__(self, "labeled_keys", keys)
         if self.protocol == "modality" and self.missing_rate > MAX_MODALITY_RATE:
             log.warning(
                 "modality-level missing rate %.2f > 2/3: every sample keeps exactly one "
@@ -153,9 +168,12 @@ class ProtocolSpec:
             )
 
 
-def observed_masks(arrays: dict[str, Any], spec: ProtocolSpec) -> dict[str, np.ndarray]:
+def observed_masks(
+    arrays: dict[str, Any], spec: ProtocolSpec, keys: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Per modality ``(N, T)`` masks of frames that are valid and observed under ``spec``."""
-    keys = sample_keys(arrays["id"])
+    if keys is None:
+        keys = sample_keys(arrays["id"])
     max_len = {m: arrays[m].shape[1] for m in MODALITIES}
     lengths = {m: np.asarray(arrays[f"{m}_len"]) for m in MODALITIES}
     if spec.protocol == "frame" and spec.missing_rate > 0:
@@ -171,19 +189,30 @@ def observed_masks(arrays: dict[str, Any], spec: ProtocolSpec) -> dict[str, np.n
 def apply(arrays: dict[str, Any], spec: ProtocolSpec) -> dict[str, np.ndarray]:
     """Decoded rows -> the model batch (docs/CONTRACTS.md), with hidden content removed."""
     keys = sample_keys(arrays["id"])
-    masks = observed_masks(arrays, spec)
+    masks = observed_masks(arrays, spec, keys)
+    # "index" is the sample's stable key (as int64): the same in every batch, worker and epoch.
     batch: dict[str, np.ndarray] = {"index": keys.view(np.int64)}
     for m in MODALITIES:
         mask = masks[m]
-        batch[m] = np.where(mask[:, :, None], arrays[m], np.float32(0.0)).astype(np.float32)
+        # where, not multiply: NaN or inf garbage in a hidden slot must become exactly 0
+        feats = np.where(mask[:, :, None], arrays[m], np.float32(0.0))
+        batch[m] = feats.astype(np.float32, copy=False)
         batch[f"{m}_mask"] = mask
     if spec.labeled_keys is None:
         labeled = np.ones(len(keys), dtype=bool)
     else:
-        labeled = np.isin(keys, spec.labeled_keys, assume_unique=False)
+        labeled = _member(keys, spec.labeled_keys)
     batch["labeled"] = labeled
     batch["label"] = np.where(labeled, np.asarray(arrays["label"], np.float32), np.float32(0.0))
     return batch
+
+
+def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """``keys in sorted_keys`` by binary search (O(B log L), no sort of the batch)."""
+    if sorted_keys.size == 0:
+        return np.zeros(len(keys), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return sorted_keys[pos] == keys
 
 
 def labeled_keys(ids: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:

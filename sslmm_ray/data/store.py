@@ -7,33 +7,50 @@ Layout under the dataset URI::
     <generation>/valid-00000.parquet
     ...
 
-Each write goes to a fresh generation folder and the manifest is written only after every shard
-is closed and checksummed, so a reader never sees a half-written dataset: either the old manifest
-(pointing at old shards) or the new one. Rows hold ``id``, ``split``, ``label`` and per modality
-the flattened ``(T, d)`` features as a fixed-size list plus the valid length ``<m>_len``.
+Why generations: each write goes to a fresh folder and the manifest is written only after every
+shard is closed and checksummed, so a reader never sees a half-written dataset: either the old
+manifest (pointing at old shards) or the new one. A write that fails removes its own folder and
+publishes nothing; an overwrite deletes the previous generation only after the new manifest is
+in place. Rows hold ``id``, ``split``, ``label`` and per modality the flattened ``(T, d)``
+features as a fixed-size list plus the valid length ``<m>_len``.
+
+Reading trusts nothing it has not checked: the manifest's fields, then each shard's presence,
+size, Parquet footer, row count and column types against the manifest (``verify``: checksums).
+Every failure is a :class:`~sslmm_ray.data.sources.DataError` naming the file.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
+import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sslmm_ray import storage
 from sslmm_ray.config import MODALITIES
-from sslmm_ray.data.sources import DataError, RawDataset
-from sslmm_ray.storage import StorageOptions
+from sslmm_ray.data.sources import DataError, RawDataset, validate_raw
+from sslmm_ray.storage import StorageError, StorageOptions
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
+GENERATION_PREFIX = "shards-"
+COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "lz4", "snappy", "gzip")
+#: Uncompressed by default: float features shrink only ~1.5x under zstd, while decompressing
+#: them costs more CPU than decoding the Parquet itself, and decode is what limits streaming
+#: (docs/DATA.md, "Streaming throughput"). Pick "zstd" where storage or bandwidth is scarce.
+DEFAULT_COMPRESSION = "none"
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,10 @@ class Manifest:
     def shard_uris(self, split: str) -> list[str]:
         return [storage.join(self.uri, s.path) for s in self.shards if s.split == split]
 
+    def generations(self) -> set[str]:
+        """The top-level folders holding this manifest's shards."""
+        return {s.path.split("/", 1)[0] for s in self.shards if "/" in s.path}
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("uri")
@@ -92,21 +113,44 @@ class Manifest:
 
     @classmethod
     def from_json(cls, uri: str, data: dict[str, Any]) -> Manifest:
+        where = storage.join(uri, MANIFEST)
         try:
-            return cls(
+            manifest = cls(
                 uri=uri,
-                name=data["name"],
-                label_range=tuple(data["label_range"]),
+                name=str(data["name"]),
+                label_range=(float(data["label_range"][0]), float(data["label_range"][1])),
                 modalities={m: ModalitySpec(**s) for m, s in data["modalities"].items()},
-                counts=dict(data["counts"]),
+                counts={str(k): int(v) for k, v in data["counts"].items()},
                 shards=[ShardInfo(**s) for s in data["shards"]],
                 schema=data["schema"],
                 stats=data.get("stats", {}),
                 format_version=int(data.get("format_version", 0)),
                 created=data.get("created", ""),
             )
-        except (KeyError, TypeError) as err:
-            raise DataError(f"{storage.join(uri, MANIFEST)}: malformed manifest ({err})") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise DataError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
+        manifest._check(where)
+        return manifest
+
+    def _check(self, where: str) -> None:
+        """Internal consistency: positive shapes, safe shard paths, counts that add up."""
+        for m, spec in self.modalities.items():
+            if not (isinstance(spec.dim, int) and isinstance(spec.length, int)) or min(
+                spec.dim, spec.length
+            ) < 1:
+                raise DataError(f"{where}: modality '{m}' has invalid shape {spec}")
+        rows: dict[str, int] = {}
+        for shard in self.shards:
+            norm = posixpath.normpath(shard.path)
+            if norm != shard.path or norm.startswith(("/", "..")):
+                raise DataError(f"{where}: shard path {shard.path!r} escapes the dataset folder")
+            if shard.split not in SPLITS:
+                raise DataError(f"{where}: shard {shard.path} has unknown split {shard.split!r}")
+            rows[shard.split] = rows.get(shard.split, 0) + int(shard.rows)
+        if rows != {k: v for k, v in self.counts.items() if v}:
+            raise DataError(
+                f"{where}: shard rows per split {rows} do not add up to counts {self.counts}"
+            )
 
 
 def arrow_schema(modalities: dict[str, ModalitySpec]) -> pa.Schema:
@@ -131,10 +175,45 @@ def _split_table(split: str, arrays: dict[str, np.ndarray], schema: pa.Schema) -
     }
     for m in MODALITIES:
         feats = np.ascontiguousarray(arrays[m], dtype=np.float32).reshape(n, -1)
-        values = pa.array(feats.reshape(-1))
+        values = pa.array(feats.reshape(-1))  # zero-copy view of the numpy buffer
         columns[m] = pa.FixedSizeListArray.from_arrays(values, feats.shape[1])
         columns[f"{m}_len"] = pa.array(np.asarray(arrays[f"{m}_len"], np.int32))
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _encode_shard(table: pa.Table, compression: str) -> bytes:
+    """One Parquet file, one row group. Features skip dictionaries and statistics: float
+    features gain nothing from either, and both cost time at write and read."""
+    sink = pa.BufferOutputStream()
+    small = ["id", "split", "label", *(f"{m}_len" for m in MODALITIES)]
+    pq.write_table(
+        table,
+        sink,
+        compression=compression,
+        use_dictionary=["split"],
+        write_statistics=small,
+        row_group_size=max(1, table.num_rows),
+    )
+    return sink.getvalue().to_pybytes()
+
+
+def _previous_manifest(uri: str, options: StorageOptions | None) -> Manifest | None:
+    """The manifest an overwrite replaces (None if absent or unreadable)."""
+    manifest_uri = storage.join(uri, MANIFEST)
+    if not storage.exists(manifest_uri, options):
+        return None
+    try:
+        return Manifest.from_json(uri, storage.read_json(manifest_uri, options))
+    except (DataError, StorageError) as err:
+        log.warning("replacing an unreadable manifest at %s (%s)", manifest_uri, err)
+        return None
+
+
+def _remove_quietly(uri: str, options: StorageOptions | None, why: str) -> None:
+    try:
+        storage.delete(uri, options)
+    except OSError as err:  # cleanup must not hide the error that caused it
+        log.warning("could not remove %s (%s): %s", uri, why, err)
 
 
 def write_dataset(
@@ -143,18 +222,65 @@ def write_dataset(
     options: StorageOptions | None = None,
     *,
     shard_rows: int = 256,
+    compression: str = DEFAULT_COMPRESSION,
+    deep_check: bool = True,
 ) -> Manifest:
-    """Write ``raw`` as sharded Parquet, then publish the manifest (last)."""
+    """Write ``raw`` as sharded Parquet, then publish the manifest (last).
+
+    ``raw`` is validated first (``deep_check``: every value finite, zero padding), so bad input
+    raises :class:`DataError` before any byte is written. A failure while writing removes this
+    write's shards and leaves any previous dataset at ``uri`` untouched; a successful overwrite
+    deletes the previous generation's shards after the new manifest is published.
+    """
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    if compression.lower() not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    validate_raw(raw, deep=deep_check)
     storage.check_reachable(uri, options)
-    any_split = next(iter(raw.splits.values()))
+    previous = _previous_manifest(uri, options)
     modalities = {
-        m: ModalitySpec(dim=int(any_split[m].shape[2]), length=int(any_split[m].shape[1]))
-        for m in MODALITIES
+        m: ModalitySpec(dim=d, length=t)
+        for (m, d), t in zip(raw.dims().items(), raw.max_lengths().values(), strict=True)
     }
     schema = arrow_schema(modalities)
-    generation = f"shards-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
+    generation = f"{GENERATION_PREFIX}{stamp}-{uuid.uuid4().hex[:8]}"
+    generation_uri = storage.join(uri, generation)
+    try:
+        shards, counts = _write_shards(
+            raw, uri, generation, schema, shard_rows, compression.lower(), options
+        )
+        manifest = Manifest(
+            uri=uri,
+            name=raw.name,
+            label_range=(float(raw.label_range[0]), float(raw.label_range[1])),
+            modalities=modalities,
+            counts=counts,
+            shards=shards,
+            schema=schema.to_string(show_schema_metadata=False),
+            stats=dict(raw.stats),
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        storage.write_json(storage.join(uri, MANIFEST), manifest.to_json(), options)
+    except BaseException:
+        _remove_quietly(generation_uri, options, "partial write")
+        raise
+    if previous is not None:
+        for old in sorted(previous.generations() - {generation}):
+            _remove_quietly(storage.join(uri, old), options, "previous generation")
+    return manifest
+
+
+def _write_shards(
+    raw: RawDataset,
+    uri: str,
+    generation: str,
+    schema: pa.Schema,
+    shard_rows: int,
+    compression: str,
+    options: StorageOptions | None,
+) -> tuple[list[ShardInfo], dict[str, int]]:
     shards: list[ShardInfo] = []
     counts: dict[str, int] = {}
     for split in SPLITS:
@@ -166,10 +292,8 @@ def write_dataset(
         for i, start in enumerate(range(0, n, shard_rows)):
             part = {k: v[start : start + shard_rows] for k, v in arrays.items()}
             table = _split_table(split, part, schema)
+            payload = _encode_shard(table, compression)
             rel = f"{generation}/{split}-{i:05d}.parquet"
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
-            payload = sink.getvalue().to_pybytes()
             storage.write_bytes(storage.join(uri, rel), payload, options)
             shards.append(
                 ShardInfo(
@@ -180,25 +304,17 @@ def write_dataset(
                     sha256=hashlib.sha256(payload).hexdigest(),
                 )
             )
-    manifest = Manifest(
-        uri=uri,
-        name=raw.name,
-        label_range=(float(raw.label_range[0]), float(raw.label_range[1])),
-        modalities=modalities,
-        counts=counts,
-        shards=shards,
-        schema=schema.to_string(show_schema_metadata=False),
-        stats=dict(raw.stats),
-        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    )
-    storage.write_json(storage.join(uri, MANIFEST), manifest.to_json(), options)
-    return manifest
+    return shards, counts
 
 
 def open_dataset(
     uri: str, options: StorageOptions | None = None, *, verify: bool = False
 ) -> Manifest:
-    """Read and check the manifest, each shard's size and schema (``verify``: checksums too)."""
+    """Read and check the manifest and every shard's size, footer, rows and schema.
+
+    ``verify`` also reads every shard and compares its SHA-256 with the manifest's.
+    """
+    storage.check_reachable(uri, options)
     manifest_uri = storage.join(uri, MANIFEST)
     if not storage.exists(manifest_uri, options):
         raise DataError(
@@ -218,49 +334,82 @@ def open_dataset(
     expected = arrow_schema(manifest.modalities)
     fs, _ = storage.resolve(uri, options)
     for shard in manifest.shards:
-        shard_uri = storage.join(uri, shard.path)
-        _, path = storage.resolve(shard_uri, options)
-        info = fs.get_file_info(path)
-        if info.type.name != "File":
-            raise DataError(f"{shard_uri}: shard listed in the manifest is missing")
-        if info.size != shard.bytes:
-            raise DataError(
-                f"{shard_uri}: shard is {info.size} bytes, the manifest says {shard.bytes} "
-                "(truncated or replaced)"
-            )
-        if verify:
-            digest = hashlib.sha256(storage.read_bytes(shard_uri, options)).hexdigest()
-            if digest != shard.sha256:
-                raise DataError(f"{shard_uri}: checksum mismatch (corrupt shard)")
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except Exception as err:  # pyarrow raises several types for a broken footer
-            raise DataError(f"{shard_uri}: not a readable Parquet file ({err})") from None
-        for f in expected:
-            if f.name not in schema.names:
-                raise DataError(f"{shard_uri}: column '{f.name}' missing")
-            if not schema.field(f.name).type.equals(f.type):
-                raise DataError(
-                    f"{shard_uri}: column '{f.name}' has type {schema.field(f.name).type}, "
-                    f"expected {f.type} (wrong dimension?)"
-                )
+        _check_shard(fs, storage.join(uri, shard.path), shard, expected, options, verify)
     return manifest
 
 
+def _check_shard(
+    fs: pafs.FileSystem,
+    shard_uri: str,
+    shard: ShardInfo,
+    expected: pa.Schema,
+    options: StorageOptions | None,
+    verify: bool,
+) -> None:
+    _, path = storage.resolve(shard_uri, options)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise DataError(f"{shard_uri}: cannot stat shard ({err})") from None
+    if info.type != pafs.FileType.File:
+        raise DataError(f"{shard_uri}: shard listed in the manifest is missing")
+    if info.size != shard.bytes:
+        raise DataError(
+            f"{shard_uri}: shard is {info.size} bytes, the manifest says {shard.bytes} "
+            "(truncated or replaced)"
+        )
+    if verify:
+        digest = hashlib.sha256(storage.read_bytes(shard_uri, options)).hexdigest()
+        if digest != shard.sha256:
+            raise DataError(f"{shard_uri}: checksum mismatch (corrupt shard)")
+    try:
+        meta = pq.read_metadata(path, filesystem=fs)
+        schema = meta.schema.to_arrow_schema()
+    except Exception as err:  # pyarrow raises several types for a broken footer
+        raise DataError(f"{shard_uri}: not a readable Parquet file ({err})") from None
+    if meta.num_rows != shard.rows:
+        raise DataError(
+            f"{shard_uri}: shard has {meta.num_rows} rows, the manifest says {shard.rows}"
+        )
+    for f in expected:
+        if f.name not in schema.names:
+            raise DataError(f"{shard_uri}: column '{f.name}' missing")
+        got = schema.field(f.name).type
+        if not got.equals(f.type):
+            raise DataError(
+                f"{shard_uri}: column '{f.name}' has type {got}, expected {f.type} "
+                "(wrong dimension or length?)"
+            )
+
+
 def decode_table(table: pa.Table, manifest_modalities: dict[str, ModalitySpec]) -> dict[str, Any]:
-    """Parquet rows -> numpy arrays of the RawDataset layout (zero-copy where possible)."""
+    """Parquet rows -> numpy arrays of the RawDataset layout.
+
+    Zero-copy for the features (and lengths) whenever a column is one chunk, which is how a
+    Parquet row group or a Ray Data batch arrives; several chunks are concatenated once.
+    """
     n = table.num_rows
     out: dict[str, Any] = {
-        "id": np.asarray(table.column("id").to_pylist(), dtype=object),
-        "label": table.column("label").to_numpy().astype(np.float32, copy=False),
+        "id": table.column("id").to_numpy(),  # object array of str
+        "label": _numeric(table.column("label"), np.float32),
     }
     for m in MODALITIES:
         spec = manifest_modalities[m]
-        col = table.column(m).combine_chunks()
-        flat = col.flatten().to_numpy(zero_copy_only=False)
+        col = table.column(m)
+        chunk = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        flat = chunk.flatten().to_numpy(zero_copy_only=False)
+        if flat.size != n * spec.length * spec.dim:
+            raise DataError(
+                f"column '{m}' holds {flat.size // max(n, 1)} values per row, "
+                f"expected {spec.length}x{spec.dim}"
+            )
         out[m] = flat.reshape(n, spec.length, spec.dim)
-        out[f"{m}_len"] = table.column(f"{m}_len").to_numpy().astype(np.int64, copy=False)
+        out[f"{m}_len"] = _numeric(table.column(f"{m}_len"), np.int64)
     return out
+
+
+def _numeric(col: pa.ChunkedArray, dtype: type[np.generic]) -> np.ndarray:
+    return col.to_numpy().astype(dtype, copy=False)
 
 
 def read_split(
@@ -274,12 +423,22 @@ def read_split(
 
 
 def iter_split_tables(
-    manifest: Manifest, split: str, options: StorageOptions | None = None, columns=None
+    manifest: Manifest,
+    split: str,
+    options: StorageOptions | None = None,
+    columns: Sequence[str] | None = None,
 ) -> Iterator[pa.Table]:
+    """One Arrow table per shard of ``split``, in manifest order."""
     fs, _ = storage.resolve(manifest.uri, options)
     for shard_uri in manifest.shard_uris(split):
         _, path = storage.resolve(shard_uri, options)
-        yield pq.read_table(path, filesystem=fs, columns=columns)
+        try:
+            table = pq.read_table(path, filesystem=fs, columns=columns)
+        except FileNotFoundError:
+            raise DataError(f"{shard_uri}: shard listed in the manifest is missing") from None
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"{shard_uri}: cannot read shard ({err})") from None
+        yield table
 
 
 def describe(manifest: Manifest, options: StorageOptions | None = None) -> dict[str, Any]:
@@ -287,7 +446,10 @@ def describe(manifest: Manifest, options: StorageOptions | None = None) -> dict[
     columns = ["label"] + [f"{m}_len" for m in MODALITIES]
     splits: dict[str, Any] = {}
     for split in manifest.counts:
-        table = pa.concat_tables(list(iter_split_tables(manifest, split, options, columns)))
+        tables = list(iter_split_tables(manifest, split, options, columns))
+        if not tables:
+            continue
+        table = pa.concat_tables(tables)
         labels = table.column("label").to_numpy()
         lengths = {}
         for m in MODALITIES:
@@ -309,8 +471,12 @@ def describe(manifest: Manifest, options: StorageOptions | None = None) -> dict[
     return {
         "uri": manifest.uri,
         "name": manifest.name,
+        "family": manifest.family,
+        "format_version": manifest.format_version,
+        "created": manifest.created,
         "label_range": list(manifest.label_range),
         "modalities": {m: asdict(s) for m, s in manifest.modalities.items()},
+        "counts": dict(manifest.counts),
         "shards": len(manifest.shards),
         "bytes": sum(s.bytes for s in manifest.shards),
         "stats": manifest.stats,
