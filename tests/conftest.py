@@ -35,3 +35,21 @@ def s3() -> Iterator[S3Server]:
             else:
                 os.environ[key] = value
         storage.clear_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (``ray.init`` costs ~10 s); shut down at the end.
+
+    Modules that need Ray take this fixture instead of calling ``ray.init`` themselves, so the
+    suite pays for one start. Logical CPUs exceed the 2 cores on purpose (see ``ray_env``).
+    """
+    import ray
+
+    from sslmm_ray import ray_env
+
+    info = ray_env.init(num_cpus=6)
+    try:
+        yield info
+    finally:
+        ray.shutdown()
