@@ -141,20 +141,26 @@ def data_synth(
     aligned: Annotated[bool, typer.Option("--aligned", help="Word-aligned lengths.")] = False,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
     shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 256,
+    compression: Annotated[str, typer.Option(
+        help="Parquet codec: none (fastest to stream), zstd, lz4, snappy, gzip.")] = "none",
     s3_endpoint: S3Endpoint = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Generate a synthetic dataset with a real data set's shapes and write the canonical store."""
+    from sslmm_ray import storage
     from sslmm_ray.data import store, synth
     from sslmm_ray.storage import StorageOptions
 
     if scale <= 0:
         raise ValueError(f"--scale must be > 0, got {scale}")
+    options = StorageOptions.from_env(s3_endpoint)
+    storage.check_reachable(out_uri, options)  # fail before spending time on generation
     raw = synth.generate(preset.value, scale=scale, aligned=aligned, seed=seed)
     manifest = store.write_dataset(
-        raw, out_uri, StorageOptions.from_env(s3_endpoint), shard_rows=shard_rows
+        raw, out_uri, options, shard_rows=shard_rows, compression=compression
     )
     _emit({"uri": out_uri, "name": manifest.name, "counts": manifest.counts,
+           "dims": manifest.dims, "lengths": manifest.lengths,
            "shards": len(manifest.shards)}, as_json)
 
 
@@ -163,20 +169,29 @@ def data_import_mmsa(
     pickle_file: Annotated[Path, typer.Argument(help="MMSA processed pickle (trusted, local).")],
     dataset: Annotated[Dataset, typer.Option(help="Which data set the pickle holds.")],
     out_uri: Annotated[str, typer.Option("--out", help="Dataset URI (path, file://, s3://).")],
+    aligned: Annotated[bool | None, typer.Option(
+        "--aligned/--unaligned",
+        help="Force the layout (default: detected from the padded lengths).")] = None,
     shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 256,
+    compression: Annotated[str, typer.Option(
+        help="Parquet codec: none (fastest to stream), zstd, lz4, snappy, gzip.")] = "none",
     s3_endpoint: S3Endpoint = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Import an MMSA pickle (aligned_50.pkl, unaligned_50.pkl, unaligned_39.pkl)."""
+    from sslmm_ray import storage
     from sslmm_ray.data import mmsa, store
     from sslmm_ray.storage import StorageOptions
 
-    raw = mmsa.load_pickle(pickle_file, dataset.value)
+    options = StorageOptions.from_env(s3_endpoint)
+    storage.check_reachable(out_uri, options)
+    raw = mmsa.load_pickle(pickle_file, dataset.value, aligned=aligned)
     manifest = store.write_dataset(
-        raw, out_uri, StorageOptions.from_env(s3_endpoint), shard_rows=shard_rows
+        raw, out_uri, options, shard_rows=shard_rows, compression=compression
     )
     _emit({"uri": out_uri, "name": manifest.name, "counts": manifest.counts,
-           "stats": manifest.stats}, as_json)
+           "dims": manifest.dims, "lengths": manifest.lengths, "stats": manifest.stats},
+          as_json)
 
 
 @data_app.command("inspect")
