@@ -238,6 +238,9 @@ Seed = Annotated[int | None, typer.Option(help="Seed for splits, masks and initi
 def pretrain(
     data: Annotated[str, typer.Option(help="Dataset URI.")],
     run_dir: Annotated[str, typer.Option(help="Run directory URI (re-use it to resume).")],
+    missing_rate: Annotated[float | None, typer.Option(
+        help="Missing-modality rate of the data (as the fine-tuning will see it).")] = None,
+    protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
     workers: Workers = None,
     gpus: Gpus = None,
     epochs: Epochs = None,
@@ -255,7 +258,8 @@ def pretrain(
         config, overrides,
         data={"uri": data, "s3_endpoint": s3_endpoint},
         pretrain={"workers": workers, "gpus": gpus, "epochs": epochs,
-                  "max_failures": max_failures, "seed": seed},
+                  "max_failures": max_failures, "seed": seed, "missing_rate": missing_rate,
+                  "protocol": protocol.value if protocol else None},
     )
     result = run_stage("pretrain", cfg, run_dir)
     _emit({"run_dir": result.run_dir, "checkpoint": result.checkpoint, "best": result.best},
@@ -322,20 +326,72 @@ def evaluate(
         help="Test missing rate (default: the one the checkpoint trained under).")] = None,
     protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
     seed: Seed = None,
+    curve: Annotated[bool, typer.Option(
+        "--curve", help="Evaluate test missing rates 0.0 to 0.9: JSON + PNG robustness curve.")
+    ] = False,
+    curve_out: Annotated[str | None, typer.Option(
+        "--out", help="Where --curve writes curve.json and curve.png (default: the checkpoint's "
+                      "run directory, or ./curve).")] = None,
     s3_endpoint: S3Endpoint = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """MMSA metrics of a checkpoint on a split."""
+    """MMSA metrics of a checkpoint on a split (or a robustness curve with --curve)."""
     from sslmm_ray import ray_env
     from sslmm_ray.storage import StorageOptions
-    from sslmm_ray.train.evaluate import evaluate_checkpoint
+    from sslmm_ray.train.evaluate import evaluate_checkpoint, robustness_curve
 
     ray_env.init()
+    options = StorageOptions.from_env(s3_endpoint)
+    proto = protocol.value if protocol else None
+    if curve:
+        if missing_rate is not None:
+            raise ValueError("--curve evaluates every missing rate; drop --missing-rate")
+        target = curve_out or str(Path("curve").resolve())
+        result = robustness_curve(checkpoint, data, target, options, split=split,
+                                  protocol=proto, seed=seed)
+        table = Table(title=f"robustness curve ({split}) -> {target}")
+        for col in ("missing rate", result["headline"], "MAE", "Corr"):
+            table.add_column(col, justify="right")
+        for p in result["points"]:
+            table.add_row(f"{p['missing_rate']:.1f}", f"{p[result['headline']]:.4f}",
+                          f"{p['MAE']:.4f}", f"{p['Corr']:.4f}")
+        _emit(result, as_json, table)
+        return
     result = evaluate_checkpoint(
-        checkpoint, data, StorageOptions.from_env(s3_endpoint), split=split,
-        missing_rate=missing_rate, protocol=protocol.value if protocol else None, seed=seed,
+        checkpoint, data, options, split=split, missing_rate=missing_rate, protocol=proto,
+        seed=seed,
     )
     _emit(result, as_json, metrics_table(f"{split} metrics", {checkpoint: result}))
+
+
+@app.command()
+def predict(
+    data: Annotated[str, typer.Option(help="Dataset URI.")],
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint or run directory (its best).")],
+    out_uri: Annotated[str, typer.Option("--out", help="Output folder URI for Parquet files.")],
+    splits: Annotated[str, typer.Option(help="Comma-separated splits to predict.")] = (
+        "train,valid,test"),
+    missing_rate: Annotated[float, typer.Option(
+        help="Hide modalities on top of what the data lacks (default: nothing).")] = 0.0,
+    protocol: Annotated[ProtocolChoice, typer.Option(help="Missingness protocol.")] = (
+        ProtocolChoice.modality),
+    seed: Annotated[int, typer.Option(help="Seed of the missingness masks.")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Ray Data actors running the model.")] = 1,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Batch inference with Ray Data: Parquet of id, prediction and modalities present."""
+    from sslmm_ray import ray_env
+    from sslmm_ray.storage import StorageOptions
+    from sslmm_ray.train.predict import predict as run_predict
+
+    ray_env.init()
+    summary = run_predict(
+        checkpoint, data, out_uri, StorageOptions.from_env(s3_endpoint),
+        splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+        missing_rate=missing_rate, protocol=protocol.value, seed=seed, concurrency=concurrency,
+    )
+    _emit(summary, as_json)
 
 
 @app.command()
@@ -352,6 +408,94 @@ def demo(
     run_demo(work_dir=work_dir.resolve(), scale=scale, epochs=epochs, workers=workers,
              console=out)
 
+
+# --------------------------------------------------------------------------- tune (issue 6)
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+def tune(
+    data: Annotated[str, typer.Option(help="Dataset URI.")],
+    storage_uri: Annotated[str, typer.Option("--storage", help="Sweep storage URI (path or "
+                                             "s3://); re-run the same command to resume.")],
+    label_ratios: Annotated[str | None, typer.Option(
+        help="Comma-separated label ratios, e.g. 0.1,0.3,0.5,0.7.")] = None,
+    missing_rates: Annotated[str | None, typer.Option(
+        help="Comma-separated missing rates, e.g. 0.0,0.3,0.5,0.7.")] = None,
+    protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Trials per cell.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Trials running at once.")] = None,
+    workers_per_trial: Annotated[int | None, typer.Option(
+        help="Ray Train workers of each trial.")] = None,
+    pretrained: Annotated[str | None, typer.Option(
+        help="Pre-training checkpoint or run dir; may contain {missing_rate}.")] = None,
+    epochs: Epochs = None,
+    asha: Annotated[bool | None, typer.Option("--asha/--no-asha",
+                                              help="ASHA early stopping over epochs.")] = None,
+    baseline: Annotated[bool, typer.Option(
+        "--baseline", help="Also run each cell's supervised-only baseline.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Searcher (TPE) seed.")] = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Hyper-parameter search (Ray Tune + Optuna) in every (label ratio, missing rate) cell."""
+    from sslmm_ray.tune.sweep import run_sweep
+
+    cfg = _build_config(
+        config, overrides,
+        data={"uri": data, "s3_endpoint": s3_endpoint},
+        finetune={"protocol": protocol.value if protocol else None, "pretrained": pretrained,
+                  "epochs": epochs},
+        tune={
+            "label_ratios": _float_list(label_ratios, "--label-ratios") if label_ratios else None,
+            "missing_rates": (_float_list(missing_rates, "--missing-rates")
+                              if missing_rates else None),
+            "samples": samples, "concurrency": concurrency,
+            "workers_per_trial": workers_per_trial, "asha": asha, "seed": seed,
+        },
+    )
+    result = run_sweep(cfg, storage_uri, baseline=baseline)
+    if as_json:
+        _emit(result, True)
+        return
+    metric = result["metric"].removeprefix("valid_")
+    table = Table(title=f"sweep {storage_uri} ({result['wall_s']:.0f} s)")
+    for col in ("cell", "tau", "lambda_rec", f"valid {metric}", f"test {metric}", "test MAE"):
+        table.add_column(col)
+    for c in result["cells"]:
+        best = c["best"]
+        table.add_row(c["cell"], f"{best['config']['tau']:.3f}",
+                      f"{best['config']['lambda_rec']:.3g}", f"{best['valid'][metric]:.4f}",
+                      f"{best['test'][metric]:.4f}", f"{best['test']['MAE']:.4f}")
+    out.print(table)
+
+
+@app.command()
+def report(
+    storage_uri: Annotated[str, typer.Argument(help="Sweep storage URI (as given to tune).")],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Also write the report files to this local folder.")] = None,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Markdown/CSV tables and heatmaps of a sweep's test metrics (into <storage>/report/)."""
+    from sslmm_ray.storage import StorageOptions
+    from sslmm_ray.tune.report import write_report
+
+    result = write_report(storage_uri, out_dir, StorageOptions.from_env(s3_endpoint))
+    if as_json:
+        _emit({k: result[k] for k in ("headline", "rows", "files")}, True)
+    else:
+        out.print(result["markdown"])
+        out.print("written: " + ", ".join(result["files"]))
 
 if __name__ == "__main__":
     main()

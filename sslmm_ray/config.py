@@ -85,6 +85,10 @@ class PretrainConfig(TrainingConfig):
     recon_weight: NonNegFloat = 1.0
     contrastive_weight: NonNegFloat = 0.5
     temperature: Annotated[float, Field(gt=0.0)] = 0.1
+    # The data as the fine-tuning stage will see it: pre-training must not see modalities that
+    # the protocol hides (same rate, protocol and seed as the fine-tuning runs it serves).
+    missing_rate: OpenProb = 0.0
+    protocol: Protocol = "modality"
 
 
 @dataclass(config=_STRICT)

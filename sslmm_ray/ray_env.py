@@ -39,6 +39,7 @@ def quiet_ray_data() -> None:
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def init(num_cpus: int | None = None, *, quiet: bool = True) -> ClusterInfo:
@@ -46,7 +47,10 @@ def init(num_cpus: int | None = None, *, quiet: bool = True) -> ClusterInfo:
     address = os.environ.get("RAY_ADDRESS")
     local = not address
     if not ray.is_initialized():
-        kwargs: dict = {"log_to_driver": True, "configure_logging": True}
+        # Worker logs stay in the session's log folder (and the dashboard) unless asked for:
+        # progress comes from the run's history instead (see train.progress).
+        verbose = os.environ.get("SSLMM_VERBOSE") == "1"
+        kwargs: dict = {"log_to_driver": verbose, "configure_logging": True}
         if quiet:
             kwargs["logging_level"] = logging.WARNING
         if local:

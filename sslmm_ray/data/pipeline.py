@@ -103,8 +103,14 @@ def finetune_datasets(
 def pretrain_datasets(
     manifest: Manifest, cfg: ExperimentConfig, options: StorageOptions | None = None
 ) -> dict[str, ray.data.Dataset]:
-    """All training rows, nothing hidden but what the data itself lacks; labels withheld."""
-    spec = protocols.ProtocolSpec(seed=cfg.pretrain.seed, labeled_keys=np.zeros(0, np.uint64))
+    """All training rows under the missing-data protocol; every label withheld."""
+    pre = cfg.pretrain
+    spec = protocols.ProtocolSpec(
+        missing_rate=pre.missing_rate,
+        protocol=pre.protocol,
+        seed=pre.seed,
+        labeled_keys=np.zeros(0, np.uint64),
+    )
     return {
         "train": split_dataset(manifest, "train", spec, options, shuffle_seed=cfg.pretrain.seed),
         "valid": split_dataset(manifest, "valid", spec, options),

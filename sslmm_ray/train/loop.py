@@ -95,7 +95,8 @@ def _broadcast(value: Any) -> Any:
 
 def _protocol_of(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     if stage == "pretrain":
-        return {"missing_rate": 0.0, "protocol": "modality", "seed": cfg.pretrain.seed}
+        pre = cfg.pretrain
+        return {"missing_rate": pre.missing_rate, "protocol": pre.protocol, "seed": pre.seed}
     ft = cfg.finetune
     return {"missing_rate": ft.missing_rate, "protocol": ft.protocol, "seed": ft.seed}
 
@@ -179,7 +180,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if teacher is not None:
                 ema_update(teacher, core, ema_decay(cfg.finetune.ema_decay, step))
             step += 1
-            totals["loss"] = totals.get("loss", 0.0) + float(loss)
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             steps += 1

@@ -56,27 +56,40 @@ def _with_pretrained_model(
     meta, _ = ckpt.load(uri, options)
     if meta.stage != "pretrain":
         log.warning("--pretrained %s is a %s checkpoint; using its weights anyway", uri, meta.stage)
+    ft = cfg.finetune
+    wanted = {"missing_rate": ft.missing_rate, "protocol": ft.protocol, "seed": ft.seed}
+    seen = {k: meta.protocol.get(k) for k in wanted}
+    if seen != wanted:
+        raise ckpt.CheckpointError(
+            f"--pretrained {uri} was trained on data under {seen}, but fine-tuning hides "
+            f"{wanted}: modalities hidden now were visible in pre-training. Pre-train with "
+            "the same --missing-rate, --protocol and --seed."
+        )
     data = cfg.to_dict()
     data["model"] = dataclasses.asdict(ModelConfig(**meta.model))
     return from_dict(data, f"model config of {uri}"), uri
 
 
-def run_stage(
-    stage: str, cfg: ExperimentConfig, run_dir: str, *, evaluate_test: bool = True
-) -> StageResult:
-    """Train one stage end to end and publish its outputs in ``run_dir``."""
+@dataclass
+class PreparedStage:
+    """Everything a stage's ``TorchTrainer`` needs, resolved on the driver (or a Tune trial)."""
+
+    stage: str
+    cfg: ExperimentConfig
+    run_dir: str
+    options: StorageOptions
+    manifest: store.Manifest
+    datasets: dict[str, Any]
+    pretrained: str | None
+    metric: str
+    mode: str
+
+
+def prepare_stage(stage: str, cfg: ExperimentConfig, run_dir: str) -> PreparedStage:
+    """Open the data, resolve the pretrained model, write ``config.json``; no training yet."""
     if stage not in ("pretrain", "finetune"):
         raise ValueError(f"unknown stage {stage!r}")
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
-    scfg = stage_config(cfg, stage)
-    info = ray_env.init()
-    ray_env.check_fits(
-        info,
-        workers=scfg.workers,
-        cpus_per_worker=scfg.cpus_per_worker,
-        use_gpu=scfg.gpus,
-        what=f"{stage} with {scfg.workers} workers",
-    )
     manifest = store.open_dataset(cfg.data.uri, options)
     pretrained = None
     if stage == "finetune":
@@ -84,22 +97,28 @@ def run_stage(
         datasets = pipeline.finetune_datasets(manifest, cfg, options)
     else:
         datasets = pipeline.pretrain_datasets(manifest, cfg, options)
-
     storage.write_json(storage.join(run_dir, "config.json"), cfg.to_dict(), options)
-    parent, name = _split_run_dir(run_dir)
-    storage_path, fs = storage.ray_storage(parent, options)
     metric, mode = selection(stage, manifest.family)
-    trainer = TorchTrainer(
+    return PreparedStage(stage, cfg, run_dir, options, manifest, datasets, pretrained, metric, mode)
+
+
+def build_trainer(prep: PreparedStage, callbacks: list[Any] | None = None) -> TorchTrainer:
+    """The stage's ``TorchTrainer``; ``callbacks`` lets a Tune trial forward its reports."""
+    scfg = stage_config(prep.cfg, prep.stage)
+    parent, name = _split_run_dir(prep.run_dir)
+    storage_path, fs = storage.ray_storage(parent, prep.options)
+    manifest = prep.manifest
+    return TorchTrainer(
         train_loop,
         train_loop_config={
-            "stage": stage,
-            "config": cfg.to_dict(),
+            "stage": prep.stage,
+            "config": prep.cfg.to_dict(),
             "dims": manifest.dims,
             "lengths": manifest.lengths,
             "family": manifest.family,
             "dataset": manifest.name,
-            "pretrained": pretrained,
-            "run_dir": run_dir,
+            "pretrained": prep.pretrained,
+            "run_dir": prep.run_dir,
         },
         scaling_config=ScalingConfig(
             num_workers=scfg.workers,
@@ -112,15 +131,24 @@ def run_stage(
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1,
-                checkpoint_score_attribute=metric,
-                checkpoint_score_order=mode,
+                checkpoint_score_attribute=prep.metric,
+                checkpoint_score_order=prep.mode,
             ),
             failure_config=FailureConfig(max_failures=scfg.max_failures),
+            callbacks=list(callbacks or []),
         ),
-        datasets=datasets,
+        datasets=prep.datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+
+
+def finish_stage(
+    prep: PreparedStage, result: ray.train.Result, *, evaluate_test: bool = True
+) -> StageResult:
+    """Publish ``best.json`` and ``metrics.json`` (optionally with test metrics)."""
+    stage, run_dir, options, metric, mode = (
+        prep.stage, prep.run_dir, prep.options, prep.metric, prep.mode
+    )
     best_ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
     if best_ckpt is None:
         raise RuntimeError(f"{stage} run {run_dir} finished without a checkpoint")
@@ -131,7 +159,7 @@ def run_stage(
 
     test = None
     if stage == "finetune" and evaluate_test:
-        test = evaluate_checkpoint(best_uri, cfg.data.uri, options, split="test")
+        test = evaluate_checkpoint(best_uri, prep.cfg.data.uri, options, split="test")
     summary = {
         "stage": stage,
         "checkpoint": best_uri,
@@ -144,6 +172,26 @@ def run_stage(
     }
     storage.write_json(storage.join(run_dir, "metrics.json"), summary, options)
     return StageResult(run_dir, best_uri, best_metrics, history, test)
+
+
+def run_stage(
+    stage: str, cfg: ExperimentConfig, run_dir: str, *, evaluate_test: bool = True
+) -> StageResult:
+    """Train one stage end to end and publish its outputs in ``run_dir``."""
+    if stage not in ("pretrain", "finetune"):
+        raise ValueError(f"unknown stage {stage!r}")
+    scfg = stage_config(cfg, stage)
+    info = ray_env.init()
+    ray_env.check_fits(
+        info,
+        workers=scfg.workers,
+        cpus_per_worker=scfg.cpus_per_worker,
+        use_gpu=scfg.gpus,
+        what=f"{stage} with {scfg.workers} workers",
+    )
+    prep = prepare_stage(stage, cfg, run_dir)
+    result = build_trainer(prep).fit()
+    return finish_stage(prep, result, evaluate_test=evaluate_test)
 
 
 def _checkpoint_uri(run_dir: str, checkpoint: ray.train.Checkpoint) -> str:
