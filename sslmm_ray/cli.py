@@ -270,7 +270,9 @@ def pretrain(
 def finetune(
     data: Annotated[str, typer.Option(help="Dataset URI.")],
     run_dir: Annotated[str, typer.Option(help="Run directory URI (re-use it to resume).")],
-    label_ratio: Annotated[float | None, typer.Option(help="Fraction of labeled training rows.")] = None,
+    label_ratio: Annotated[
+        float | None, typer.Option(help="Fraction of labeled training rows.")
+    ] = None,
     missing_rate: Annotated[float | None, typer.Option(help="Missing-modality rate.")] = None,
     protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
     pretrained: Annotated[str | None, typer.Option(

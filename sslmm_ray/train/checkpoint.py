@@ -109,7 +109,9 @@ def load(uri: str, options: StorageOptions | None = None) -> tuple[CheckpointMet
         return load_dir(tmp)
 
 
-def load_model(uri: str, options: StorageOptions | None = None) -> tuple[torch.nn.Module, CheckpointMeta]:
+def load_model(
+    uri: str, options: StorageOptions | None = None
+) -> tuple[torch.nn.Module, CheckpointMeta]:
     """The model of a checkpoint, ready for inference."""
     from sslmm_ray.model import build_model
 

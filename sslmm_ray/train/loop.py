@@ -192,7 +192,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             valid_batches = valid_shard.iter_torch_batches(batch_size=256)
             if stage == "pretrain":
-                report["valid_loss"] = _pretrain_valid_loss(core, valid_batches, cfg.pretrain, device)
+                report["valid_loss"] = _pretrain_valid_loss(
+                    core, valid_batches, cfg.pretrain, device
+                )
             else:
                 evaluated = teacher if teacher is not None else core
                 preds, labels = predict(evaluated, valid_batches, device)

@@ -50,7 +50,8 @@ def follow(
                 continue
             if history:
                 last = history[-1]
-                status = f"epoch {int(last['epoch'])}: loss {last.get('train_loss', float('nan')):.3f}"
+                loss = last.get("train_loss", float("nan"))
+                status = f"epoch {int(last['epoch'])}: loss {loss:.3f}"
                 if metric in last:
                     status += f", {metric} {last[metric]:.3f}"
                 bar.update(task, completed=int(last["epoch"]) + 1, status=status)
