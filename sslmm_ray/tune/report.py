@@ -1,0 +1,178 @@
+"""``sslmm report``: the sweep's grid as Markdown and CSV tables and PNG heatmaps.
+
+Everything comes from the cells' ``results/<cell>.json`` (written by the sweep after each cell's
+best trial was tested), so a report can be rebuilt at any time, even mid-sweep, from storage
+alone. Files go to ``<storage>/report/`` and, when asked, to a local folder too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from sslmm_ray import storage
+from sslmm_ray.storage import StorageOptions
+from sslmm_ray.tune.sweep import RESULTS
+
+REPORT_DIR = "report"
+
+
+def load_results(storage_uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
+    """Every finished cell's result, ordered by (label ratio, missing rate)."""
+    files = storage.list_files(storage.join(storage_uri, RESULTS), options, suffix=".json")
+    cells = [storage.read_json(f, options) for f in files]
+    if not cells:
+        raise FileNotFoundError(
+            f"{storage_uri} holds no finished cell ({RESULTS}/*.json); run `sslmm tune` first"
+        )
+    return sorted(cells, key=lambda c: (c["label_ratio"], c["missing_rate"]))
+
+
+def headline_of(cells: list[dict[str, Any]]) -> str:
+    """Non0_acc_2 (MOSI/MOSEI) or Mult_acc_2 (SIMS): the metric the sweep selected on."""
+    return cells[0]["metric"].removeprefix("valid_")
+
+
+def rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per cell: grid position, chosen hyper-parameters, test and baseline."""
+    out = []
+    for c in cells:
+        best = c["best"]
+        row: dict[str, Any] = {
+            "cell": c["cell"],
+            "label_ratio": c["label_ratio"],
+            "missing_rate": c["missing_rate"],
+            **{k: best["config"][k] for k in ("tau", "lambda_rec", "lr", "unlabeled_weight")},
+            "trial_id": best["trial_id"],
+            "trials": len(c["trials"]),
+            f"valid_{headline_of([c])}": best["valid"].get(headline_of([c])),
+        }
+        row.update({f"test_{k}": v for k, v in best["test"].items()})
+        base = c.get("baseline")
+        if base and base.get("test"):
+            row.update({f"baseline_test_{k}": v for k, v in base["test"].items()})
+        out.append(row)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 0.01 or abs(value) >= 100 else f"{value:.4f}"
+    return str(value)
+
+
+def markdown(table: list[dict[str, Any]], headline: str) -> str:
+    """The human table: test headline/MAE/Corr with the chosen tau and lambda_rec."""
+    has_baseline = any(f"baseline_test_{headline}" in r for r in table)
+    cols = [
+        ("label ratio", "label_ratio"), ("missing rate", "missing_rate"), ("tau", "tau"),
+        ("lambda_rec", "lambda_rec"), ("lr", "lr"), ("unlabeled w", "unlabeled_weight"),
+        (f"valid {headline}", f"valid_{headline}"), (f"test {headline}", f"test_{headline}"),
+        ("test MAE", "test_MAE"), ("test Corr", "test_Corr"),
+    ]
+    if has_baseline:
+        cols += [(f"baseline {headline}", f"baseline_test_{headline}"),
+                 ("baseline MAE", "baseline_test_MAE")]
+    cols.append(("trials", "trials"))
+    lines = [
+        "| " + " | ".join(c for c, _ in cols) + " |",
+        "|" + "|".join("---:" for _ in cols) + "|",
+    ]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |" for r in table]
+    note = (
+        f"\nBest trial per cell chosen by validation {headline}; test metrics of its best "
+        "checkpoint, evaluated once."
+    )
+    if has_baseline:
+        note += " Baseline: supervised only (no pseudo-labels, no reconstruction), defaults."
+    return "# SSLMM sweep report\n\n" + "\n".join(lines) + "\n" + note + "\n"
+
+
+def to_csv(table: list[dict[str, Any]]) -> str:
+    fields: list[str] = []
+    for r in table:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    return buf.getvalue()
+
+
+def heatmap_png(table: list[dict[str, Any]], key: str, title: str) -> bytes:
+    """Label ratio (rows) x missing rate (columns) of one column, annotated; empty cells grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ratios = sorted({r["label_ratio"] for r in table})
+    rates = sorted({r["missing_rate"] for r in table})
+    grid = np.full((len(ratios), len(rates)), np.nan)
+    for r in table:
+        if r.get(key) is not None:
+            grid[ratios.index(r["label_ratio"]), rates.index(r["missing_rate"])] = r[key]
+    fig, ax = plt.subplots(figsize=(1.2 * len(rates) + 2.5, 1.0 * len(ratios) + 1.8))
+    cmap = "viridis_r" if key.endswith("MAE") else "viridis"
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", origin="lower")
+    ax.set_xticks(range(len(rates)), [f"{m:g}" for m in rates])
+    ax.set_yticks(range(len(ratios)), [f"{x:g}" for x in ratios])
+    ax.set_xlabel("missing rate")
+    ax.set_ylabel("label ratio")
+    ax.set_title(title)
+    for i in range(len(ratios)):
+        for j in range(len(rates)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build(storage_uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    """The report's files (name -> bytes) and its rows."""
+    cells = load_results(storage_uri, options)
+    headline = headline_of(cells)
+    table = rows(cells)
+    files = {
+        "report.md": markdown(table, headline).encode(),
+        "report.csv": to_csv(table).encode(),
+        f"heatmap_{headline}.png": heatmap_png(table, f"test_{headline}", f"test {headline}"),
+        "heatmap_MAE.png": heatmap_png(table, "test_MAE", "test MAE"),
+    }
+    return {"headline": headline, "rows": table, "files": files}
+
+
+def write_report(
+    storage_uri: str, out_dir: str | Path | None = None, options: StorageOptions | None = None
+) -> dict[str, Any]:
+    """Build the report and write it to ``<storage>/report/`` (and ``out_dir``)."""
+    report = build(storage_uri, options)
+    written = []
+    for name, data in report["files"].items():
+        uri = storage.join(storage_uri, REPORT_DIR, name)
+        storage.write_bytes(uri, data, options)
+        written.append(uri)
+        if out_dir is not None:
+            path = Path(out_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            written.append(str(path))
+    return {
+        "headline": report["headline"],
+        "rows": report["rows"],
+        "markdown": report["files"]["report.md"].decode(),
+        "files": written,
+    }
+
+
+__all__ = ["build", "load_results", "write_report"]

@@ -1,0 +1,80 @@
+"""The search space of one grid cell, and how a trial's sampled values become its config.
+
+A cell is one (label ratio, missing rate) pair. Optuna cannot search a grid, so each cell gets
+its own Tuner: the cell values are constants in ``param_space`` and the searched values are the
+pseudo-label threshold, the reconstruction weight, the learning rate and the unlabeled weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+
+from sslmm_ray.config import ExperimentConfig, from_dict
+
+#: Searched hyper-parameters -> the FinetuneConfig field each one sets.
+SEARCHED = ("tau", "lambda_rec", "lr", "unlabeled_weight")
+#: Cell constants -> FinetuneConfig fields.
+CONSTANTS = ("label_ratio", "missing_rate")
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    label_ratio: float
+    missing_rate: float
+
+    @property
+    def name(self) -> str:
+        """The Tuner's experiment name, e.g. ``cell_lr0.5_mr0.3``."""
+        return f"cell_lr{self.label_ratio:g}_mr{self.missing_rate:g}"
+
+
+def grid(label_ratios: list[float], missing_rates: list[float]) -> list[Cell]:
+    """Every (label ratio, missing rate) pair, deduplicated, in a stable order."""
+    return sorted({Cell(float(r), float(m)) for r in label_ratios for m in missing_rates})
+
+
+def param_space(cell: Cell) -> dict[str, Any]:
+    """Tune's ``param_space``: the cell as constants plus the searched domains."""
+    return {
+        "label_ratio": cell.label_ratio,
+        "missing_rate": cell.missing_rate,
+        "tau": tune.uniform(0.5, 0.99),
+        "lambda_rec": tune.loguniform(1e-3, 10.0),
+        "lr": tune.loguniform(1e-4, 3e-3),
+        "unlabeled_weight": tune.uniform(0.1, 2.0),
+    }
+
+
+def make_searcher(metric: str, mode: str, seed: int):
+    """Seeded TPE: the same seed suggests the same first configurations."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    # The sampler carries the seed (OptunaSearch ignores ``seed=0`` as falsy).
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+
+
+def trial_config(
+    base: ExperimentConfig | dict[str, Any], values: dict[str, Any]
+) -> ExperimentConfig:
+    """The trial's full config: the sweep's base config with the cell and sampled values set."""
+    data = base.to_dict() if isinstance(base, ExperimentConfig) else dict(base)
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    ft = data["finetune"]
+    for key in (*CONSTANTS, *SEARCHED):
+        if key in values:
+            ft[key] = values[key]
+    ft["pretrained"] = cell_pretrained(ft.get("pretrained"), ft["label_ratio"], ft["missing_rate"])
+    return from_dict(data, "tune trial")
+
+
+def cell_pretrained(uri: str | None, label_ratio: float, missing_rate: float) -> str | None:
+    """``--pretrained`` may name one checkpoint per missing rate with ``{missing_rate}`` (and
+    ``{label_ratio}``) placeholders: pre-training must see the data as the cell hides it."""
+    if not uri or "{" not in uri:
+        return uri
+    return uri.format(missing_rate=f"{missing_rate:g}", label_ratio=f"{label_ratio:g}")

@@ -1,0 +1,309 @@
+"""``sslmm tune``: one Tuner per (label ratio, missing rate) cell, resumable, tested once.
+
+Storage layout under the sweep's URI (local or S3)::
+
+    sweep.json                 the settings the sweep started with (a re-run must match them)
+    cell_lr0.5_mr0.3/          Tune's experiment folder of the cell (trials, searcher state)
+    runs/<cell>/<trial_id>/    each trial's Train run: config.json, checkpoints, history.json,
+                               tensorboard/, best.json, metrics.json
+    baseline/<cell>/           the supervised-only run of the cell (``--baseline``)
+    results/<cell>.json        the cell's outcome; written last, so it marks a finished cell
+
+Re-running the same command resumes: finished cells (a results file) are skipped, an interrupted
+cell is restored with ``Tuner.restore`` (searcher state included, unfinished trials resumed,
+errored ones restarted), and a trial whose Train run finished is never trained again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+
+from sslmm_ray import metrics as mmsa
+from sslmm_ray import ray_env, storage
+from sslmm_ray.config import ExperimentConfig, from_dict
+from sslmm_ray.data import store
+from sslmm_ray.storage import StorageOptions
+from sslmm_ray.train import checkpoint as ckpt
+from sslmm_ray.train.evaluate import evaluate_checkpoint
+from sslmm_ray.train.runlog import RunLog
+from sslmm_ray.tune import space, trial
+from sslmm_ray.tune.space import Cell
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+RESULTS = "results"
+RUNS = "runs"
+BASELINE = "baseline"
+#: Resources of the Tune trial function itself: it only drives a TorchTrainer, whose workers
+#: hold the CPUs. ``max_concurrent_trials`` bounds how many run at once.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}  # Tune rejects an empty bundle
+#: Settings that may differ between runs of the same sweep (the grid can grow).
+_MAY_CHANGE = {("tune", "label_ratios"), ("tune", "missing_rates"), ("data", "s3_endpoint")}
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: str
+
+    def cell_dir(self, cell: Cell) -> str:
+        return storage.join(self.root, cell.name)
+
+    def runs(self, cell: Cell) -> str:
+        return storage.join(self.root, RUNS, cell.name)
+
+    def baseline(self, cell: Cell) -> str:
+        return storage.join(self.root, BASELINE, cell.name)
+
+    def result(self, cell: Cell) -> str:
+        return storage.join(self.root, RESULTS, f"{cell.name}.json")
+
+
+def sweep_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The base config every trial starts from: the tune section sets the trial scale."""
+    data = cfg.to_dict()
+    data["finetune"]["workers"] = cfg.tune.workers_per_trial
+    return from_dict(data, "tune")
+
+
+def check_plan(cfg: ExperimentConfig, info: ray_env.ClusterInfo) -> None:
+    """Concurrency x workers per trial (+ Ray Data headroom) must fit, before anything runs."""
+    t, ft = cfg.tune, cfg.finetune
+    ray_env.check_fits(
+        info,
+        workers=t.concurrency * t.workers_per_trial,
+        cpus_per_worker=ft.cpus_per_worker,
+        use_gpu=ft.gpus,
+        what=(
+            f"tune with {t.concurrency} concurrent trials x {t.workers_per_trial} workers "
+            f"(--concurrency x --workers-per-trial)"
+        ),
+    )
+
+
+def _check_same_sweep(cfg: ExperimentConfig, layout: Layout, options: StorageOptions) -> None:
+    """Refuse to mix two different sweeps in one storage folder; record the first one."""
+    uri = storage.join(layout.root, SWEEP_FILE)
+    current = cfg.to_dict()
+    if not storage.exists(uri, options):
+        storage.write_json(uri, current, options)
+        return
+    saved = storage.read_json(uri, options)
+    diffs = [
+        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if (section, key) not in _MAY_CHANGE and saved.get(section, {}).get(key) != value
+    ]
+    if diffs:
+        raise ValueError(
+            f"{layout.root} already holds a sweep with other settings ({'; '.join(diffs)}); "
+            "re-run with the same settings to resume it, or use a new --storage"
+        )
+    for key in ("label_ratios", "missing_rates"):  # the grid may grow between runs
+        current["tune"][key] = sorted(set(saved["tune"][key]) | set(current["tune"][key]))
+    storage.write_json(uri, current, options)
+
+
+def run_sweep(cfg: ExperimentConfig, storage_uri: str, *, baseline: bool = False) -> dict[str, Any]:
+    """Search every cell of the grid (resuming what is there) and return the cells' results."""
+    started = time.monotonic()
+    cfg = sweep_config(cfg)
+    info = ray_env.init()
+    check_plan(cfg, info)
+    options = StorageOptions.from_env(cfg.data.s3_endpoint)
+    manifest = store.open_dataset(cfg.data.uri, options)
+    headline = mmsa.headline_metric(manifest.family)
+    layout = Layout(storage_uri.rstrip("/"))
+    _check_same_sweep(cfg, layout, options)
+    cells = space.grid(cfg.tune.label_ratios, cfg.tune.missing_rates)
+    results, skipped = [], []
+    for cell in cells:
+        if storage.exists(layout.result(cell), options):
+            log.info("cell %s: finished earlier, skipped", cell.name)
+            skipped.append(cell.name)
+            results.append(storage.read_json(layout.result(cell), options))
+            continue
+        results.append(run_cell(cfg, cell, layout, options, headline, baseline=baseline))
+    return {
+        "storage": storage_uri,
+        "metric": f"valid_{headline}",
+        "cells": results,
+        "skipped": skipped,
+        "wall_s": time.monotonic() - started,
+    }
+
+
+def _tuner(cfg: ExperimentConfig, cell: Cell, layout: Layout, metric: str) -> tune.Tuner:
+    """A new Tuner for the cell, or the interrupted one restored from storage."""
+    options = StorageOptions.from_env(cfg.data.s3_endpoint)
+    storage_path, fs = storage.ray_storage(layout.root, options)
+    exp_path, _ = storage.ray_storage(layout.cell_dir(cell), options)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial.run_trial, base=cfg.to_dict(), runs_uri=layout.runs(cell)),
+        TRIAL_DRIVER_RESOURCES,
+    )
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        log.info("cell %s: restoring the interrupted search", cell.name)
+        return tune.Tuner.restore(
+            exp_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=True,
+            storage_filesystem=fs,
+        )
+    t = cfg.tune
+    scheduler = None
+    if t.asha:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr=trial.EPOCHS_DONE,
+            max_t=cfg.finetune.epochs,
+            grace_period=1,
+            reduction_factor=2,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=space.param_space(cell),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode="max",
+            search_alg=space.make_searcher(metric, "max", t.seed),
+            scheduler=scheduler,
+            num_samples=t.samples,
+            max_concurrent_trials=t.concurrency,
+            trial_dirname_creator=trial.trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=cell.name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            verbose=1,
+        ),
+    )
+
+
+def run_cell(
+    cfg: ExperimentConfig,
+    cell: Cell,
+    layout: Layout,
+    options: StorageOptions,
+    headline: str,
+    *,
+    baseline: bool = False,
+) -> dict[str, Any]:
+    """Search one cell, test its best trial once, optionally run its baseline; publish."""
+    metric = f"valid_{headline}"
+    started = time.monotonic()
+    grid = _tuner(cfg, cell, layout, metric).fit()
+    trials = [_trial_record(r, layout.runs(cell), metric, options) for r in grid]
+    trials = [t for t in trials if t is not None]
+    scored = [t for t in trials if not math.isnan(t["best_valid"])]
+    if not scored:
+        errors = "; ".join(str(r.error) for r in grid if r.error)[:2000]
+        raise RuntimeError(f"cell {cell.name}: no trial reported {metric} ({errors})")
+    best = max(scored, key=lambda t: t["best_valid"])
+    best_ckpt, best_metrics = best_checkpoint(best["run_dir"], metric, options)
+    test = evaluate_checkpoint(best_ckpt, cfg.data.uri, options, split="test")
+    result = {
+        "cell": cell.name,
+        "label_ratio": cell.label_ratio,
+        "missing_rate": cell.missing_rate,
+        "metric": metric,
+        "mode": "max",
+        "best": {
+            "trial_id": best["trial_id"],
+            "run_dir": best["run_dir"],
+            "checkpoint": best_ckpt,
+            "config": best["config"],
+            "valid": _strip(best_metrics, "valid_"),
+            "test": test,
+        },
+        "trials": trials,
+        "baseline": run_baseline(cfg, cell, layout, options) if baseline else None,
+        "tune_wall_s": time.monotonic() - started,
+    }
+    storage.write_json(layout.result(cell), result, options)
+    return result
+
+
+def _strip(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {k.removeprefix(prefix): float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _trial_record(
+    result: Any, runs_uri: str, metric: str, options: StorageOptions
+) -> dict[str, Any] | None:
+    """One trial as recorded by its own Train run (history.json), not Tune's copy."""
+    trial_id = (result.metrics or {}).get("trial_id")
+    if trial_id is None:
+        return None
+    run_dir = trial.run_dir_of(runs_uri, trial_id)
+    history = RunLog.read(run_dir, options)
+    values = [h[metric] for h in history if metric in h and not math.isnan(h[metric])]
+    return {
+        "trial_id": trial_id,
+        "run_dir": run_dir,
+        "config": {k: result.config[k] for k in (*space.CONSTANTS, *space.SEARCHED)},
+        "epochs": len(history),
+        "best_valid": max(values) if values else math.nan,
+        "finished": trial.is_finished(run_dir, options),
+        "error": str(result.error)[:500] if result.error else None,
+        "time_s": _time_of(result),
+    }
+
+
+def _time_of(result: Any) -> float:
+    """Seconds the trial ran, as Tune recorded them (0 when unknown)."""
+    return float((result.metrics or {}).get("time_total_s") or 0.0)
+
+
+def best_checkpoint(run_dir: str, metric: str, options: StorageOptions) -> tuple[str, dict]:
+    """The run's best checkpoint: ``best.json`` when the run finished, else the best kept one
+    (a trial stopped by ASHA never writes ``best.json``)."""
+    best_file = storage.join(run_dir, ckpt.BEST)
+    if storage.exists(best_file, options):
+        best = storage.read_json(best_file, options)
+        return best["checkpoint"], best["metrics"]
+    candidates = []
+    for meta_uri in storage.list_files(run_dir, options, suffix="/" + ckpt.META):
+        meta = storage.read_json(meta_uri, options)
+        value = meta.get("metrics", {}).get(metric)
+        if value is not None:
+            candidates.append((value, meta_uri.rpartition("/")[0], meta["metrics"]))
+    if not candidates:
+        raise ckpt.CheckpointError(f"{run_dir}: no checkpoint reports {metric}")
+    _, uri, metrics = max(candidates, key=lambda c: c[0])
+    return uri, metrics
+
+
+def run_baseline(
+    cfg: ExperimentConfig, cell: Cell, layout: Layout, options: StorageOptions
+) -> dict[str, Any]:
+    """Supervised-only fine-tuning of the cell at default hyper-parameters (runs once)."""
+    from sslmm_ray.train.runner import run_stage
+
+    run_dir = layout.baseline(cell)
+    metrics_uri = storage.join(run_dir, "metrics.json")
+    if not storage.exists(metrics_uri, options):
+        data = cfg.to_dict()
+        data["finetune"].update(
+            label_ratio=cell.label_ratio,
+            missing_rate=cell.missing_rate,
+            pseudo_labels=False,
+            reconstruction=False,
+            pretrained=space.cell_pretrained(
+                data["finetune"]["pretrained"], cell.label_ratio, cell.missing_rate
+            ),
+        )
+        run_stage("finetune", from_dict(data, "baseline"), run_dir)
+    summary = storage.read_json(metrics_uri, options)
+    return {"run_dir": run_dir, "valid": summary["valid"], "test": summary["test"]}
