@@ -499,5 +499,86 @@ def report(
         out.print(result["markdown"])
         out.print("written: " + ", ".join(result["files"]))
 
+# --------------------------------------------------------------------------- benchmarks
+
+
+def _bench(name: str, result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _emit(result, True)
+        return
+    table = Table(title=f"sslmm bench {name}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+
+    def rows(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                rows(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, float):
+            table.add_row(prefix, f"{value:.4g}")
+        else:
+            table.add_row(prefix, str(value))
+
+    rows("", result)
+    out.print(table)
+
+
+@bench_app.command("model")
+def bench_model(
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 32,
+    steps: Annotated[int, typer.Option(help="Timed steps per case.")] = 5,
+    as_json: JsonFlag = False,
+) -> None:
+    """Forward+backward samples/s and memory of the sparse and dense backends (mosi shapes)."""
+    from sslmm_ray.bench import model
+
+    _bench("model", model.run(batch_size=batch_size, steps=steps), as_json)
+
+
+@bench_app.command("data")
+def bench_data(as_json: JsonFlag = False) -> None:
+    """Samples/s streamed to a training loop from S3, local Parquet and in-memory tensors."""
+    from sslmm_ray.bench import data
+
+    _bench("data", data.run(), as_json)
+
+
+@bench_app.command("train")
+def bench_train(
+    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.3,
+    epochs: Annotated[int, typer.Option(help="Epochs per run (the first is warm-up).")] = 4,
+    as_json: JsonFlag = False,
+) -> None:
+    """Epoch throughput: Ray Train vs a plain PyTorch loop, and 1 vs 2 workers."""
+    from sslmm_ray.bench import train
+
+    _bench("train", train.run(scale=scale, epochs=epochs), as_json)
+
+
+@bench_app.command("accuracy")
+def bench_accuracy(
+    seeds: Annotated[int, typer.Option(help="Seeds per variant.")] = 3,
+    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 12,
+    as_json: JsonFlag = False,
+) -> None:
+    """SSLMM vs supervised-only, each ablation and early fusion (rho 0.5, missing 0.5)."""
+    from sslmm_ray.bench import accuracy
+
+    result = accuracy.run(seeds=seeds, scale=scale, epochs=epochs)
+    if as_json:
+        _emit(result, True)
+    else:
+        out.print(accuracy.table(result))
+
+
+@bench_app.command("tune")
+def bench_tune(as_json: JsonFlag = False) -> None:
+    """Scheduling efficiency of a small sweep: wall time vs sum of trial times / concurrency."""
+    from sslmm_ray.bench import tune
+
+    _bench("tune", tune.run(), as_json)
+
+
 if __name__ == "__main__":
     main()

@@ -48,6 +48,9 @@ class SSLMMOutput:
     present: Tensor  # (B, M) modality visible to the network (some node valid)
     recon: dict[str, Tensor] = field(default_factory=dict)  # (B, K_m, d_m) rebuilt features
     nodes: dict[str, Tensor] = field(default_factory=dict)  # (B, K_m, H) final node states
+    # (B, H) contrastive projections of ``pooled``: computed inside forward so that DDP sees
+    # every parameter use in its own forward pass.
+    projected: dict[str, Tensor] = field(default_factory=dict)
 
 
 class _Base(nn.Module):
@@ -144,6 +147,7 @@ class SSLMM(_Base):
         recon = {m: self.decoders[m](parts[m]) for m in self.modalities}
         return SSLMMOutput(
             pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
+            projected={m: self.projector(v) for m, v in pooled.items()},
             segment_valid=segment_valid, node_valid=node_valid, present=present, recon=recon,
             nodes=parts,
         )
@@ -179,6 +183,7 @@ class EarlyFusion(_Base):
         fused = self.mlp(flat)
         return SSLMMOutput(
             pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
+            projected={m: self.projector(v) for m, v in pooled.items()},
             segment_valid=segment_valid, node_valid=node_valid, present=present,
         )
 

@@ -117,9 +117,8 @@ def contrastive(model: nn.Module, out, temperature: float) -> Tensor:
     where both modalities are visible take part, and pairs with fewer than two such rows are
     skipped (no negative). Readouts go through the shared projector and are L2-normalised.
     """
-    net = _unwrap(model)
     mods = list(out.pooled)
-    z = {m: F.normalize(net.projector(out.pooled[m]), dim=-1) for m in mods}
+    z = {m: F.normalize(out.projected[m], dim=-1) for m in mods}
     total, pairs = z[mods[0]].sum() * 0.0, 0
     for i in range(len(mods)):
         for j in range(i + 1, len(mods)):

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import random
 import tempfile
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -161,7 +162,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, scfg.epochs):
         gen = torch.Generator().manual_seed(scfg.seed * 100_003 + epoch * 1009 + rank)
         totals: dict[str, float] = {}
-        steps = 0
+        steps, samples, started = 0, 0, time.perf_counter()
         for batch in train_shard.iter_torch_batches(
             batch_size=batch_size,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
@@ -184,10 +185,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             steps += 1
+            samples += len(batch["index"])
+        train_seconds = time.perf_counter() - started
         scheduler.step()
 
         report: dict[str, Any] = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
         report["epoch"] = epoch
+        # throughput of this epoch's training pass (all workers; the slowest sets the pace)
+        report["train_seconds"] = train_seconds
+        report["train_samples"] = samples * world
         report["lr"] = scheduler.get_last_lr()[0]
         if rank == 0:
             valid_batches = valid_shard.iter_torch_batches(batch_size=256)
