@@ -71,11 +71,7 @@ def run(
                 result = run_stage("finetune", cfg, str(root / f"seed{seed}" / name))
                 results[name].append({k: result.test[k] for k in METRICS})
     summary = {
-        name: {
-            k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
-            for k in METRICS
-        }
-        for name, rs in results.items()
+        name: {k: _spread([r[k] for r in rs]) for k in METRICS} for name, rs in results.items()
     }
     out: dict[str, Any] = {
         "setting": {"preset": "mosi", "scale": scale, "label_ratio": label_ratio,
@@ -85,10 +81,14 @@ def run(
         "runs": results,
     }
     if "sslmm" in summary and "supervised_only" in summary:
-        out["gain_vs_supervised_points"] = 100 * (
-            summary["sslmm"]["Non0_acc_2"]["mean"] - summary["supervised_only"]["Non0_acc_2"]["mean"]
-        )
+        gain = summary["sslmm"]["Non0_acc_2"]["mean"]
+        gain -= summary["supervised_only"]["Non0_acc_2"]["mean"]
+        out["gain_vs_supervised_points"] = 100 * gain
     return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
 def table(result: dict[str, Any]) -> Table:
