@@ -400,11 +400,11 @@ def predict(
 def demo(
     work_dir: Annotated[Path, typer.Option(help="Where the demo writes data and runs.")] = Path(
         "demo_runs"),
-    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.25,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 8,
+    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.2,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 6,
     workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
 ) -> None:
-    """Synthetic data -> semi-supervised fine-tuning on Ray (2 DDP workers) -> test metrics."""
+    """Synthetic data -> pre-training, SSLMM and supervised-only fine-tuning on Ray -> metrics."""
     from sslmm_ray.demo import run_demo
 
     run_demo(work_dir=work_dir.resolve(), scale=scale, epochs=epochs, workers=workers,
