@@ -15,8 +15,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def option_value(args: list[str], name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` in ``args`` (the last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def run_then(subcommand: str, then: list[str]) -> None:
+    """Run ``sslmm <subcommand> <arguments>``; when it succeeds, ``sslmm <then...>``."""
+    try:
+        run(subcommand)
+    except SystemExit as done:
+        if done.code not in (None, 0):
+            raise
+    _main(then)
+
+
 def run(subcommand: str) -> None:
     """Run ``sslmm <subcommand> <this script's arguments>``."""
+    _main([*subcommand.split(), *sys.argv[1:]])
+
+
+def _main(args: list[str]) -> None:
     # `python jobs/x.py` puts jobs/ (not the working_dir) first on sys.path. When the job ships
     # the package in its working_dir, import that copy: it is the one the Train workers import
     # (Ray puts the working_dir on their path), so driver and workers run the same code.
@@ -24,7 +49,7 @@ def run(subcommand: str) -> None:
         sys.path.insert(0, str(ROOT))
     from sslmm_ray.cli import main
 
-    sys.argv = ["sslmm", *subcommand.split(), *sys.argv[1:]]
+    sys.argv = ["sslmm", *args]
     try:
         main()
     except Exception as err:

@@ -2,7 +2,7 @@
 
 `ray job submit` entry point: the options are exactly those of `sslmm finetune`, e.g.
 
-    ray job submit --address http://HEAD:8265 --working-dir . \
+    ray job submit --address http://HEAD:8265 --working-dir . \\
         --runtime-env jobs/runtime_env.yaml -- python jobs/finetune.py --help
 """
 

@@ -244,3 +244,17 @@ def test_bad_argument_fails_fast_with_a_clear_message(cluster: Cluster):
     assert "Traceback" not in logs  # one clear line, not a stack
     assert elapsed < 90.0, f"a bad argument took {elapsed:.0f} s to fail"
     assert not _exists(cluster.s3, "runs/bad/metrics.json")
+
+
+def test_sweep_job_writes_its_report_to_s3(cluster: Cluster):
+    """The sweep entry point on a 1-cell grid, one 1-epoch trial: tune, then the report."""
+    storage = cluster.s3.uri("sweeps/tiny")
+    cluster.submit(
+        "sslmm-sweep", "python", "jobs/sweep.py", "--data", cluster.data_uri,
+        "--storage", storage, "--label-ratios", "0.5", "--missing-rates", "0.5",
+        "--samples", "1", "--concurrency", "1", "--workers-per-trial", "1", "--epochs", "1",
+    )
+    status, logs = cluster.follow("sslmm-sweep")
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert _exists(cluster.s3, "sweeps/tiny/report/report.md"), logs[-3000:]
+    assert _exists(cluster.s3, "sweeps/tiny/report/report.csv")
