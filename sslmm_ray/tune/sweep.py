@@ -204,6 +204,7 @@ def run_cell(
     metric = f"valid_{headline}"
     started = time.monotonic()
     grid = _tuner(cfg, cell, layout, metric).fit()
+    search_wall_s = time.monotonic() - started
     trials = [_trial_record(r, layout.runs(cell), metric, options) for r in grid]
     trials = [t for t in trials if t is not None]
     scored = [t for t in trials if not math.isnan(t["best_valid"])]
@@ -229,6 +230,7 @@ def run_cell(
         },
         "trials": trials,
         "baseline": run_baseline(cfg, cell, layout, options) if baseline else None,
+        "search_wall_s": search_wall_s,
         "tune_wall_s": time.monotonic() - started,
     }
     storage.write_json(layout.result(cell), result, options)
