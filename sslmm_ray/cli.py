@@ -89,12 +89,13 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.ClickException):
+    except Exception as err:
+        # Usage errors (typer vendors its own click, so match the interface, not the class)
+        # print their message and carry their own exit code.
+        code = getattr(err, "exit_code", None)
+        if callable(getattr(err, "show", None)) and isinstance(code, int):
             err.show()
-            sys.exit(err.exit_code)
+            sys.exit(code)
         raise
 
 

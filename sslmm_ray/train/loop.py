@@ -29,6 +29,7 @@ from sslmm_ray.model import build_model, ema_update, finetune_loss, make_teacher
 from sslmm_ray.ray_env import quiet_ray_data
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
+from sslmm_ray.train import distributed
 from sslmm_ray.train.runlog import RunLog
 
 Batch = dict[str, torch.Tensor]
@@ -146,10 +147,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step = int(state.get("step", 0))
         history = list(state.get("history", []))
 
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )
-    core = model.module if hasattr(model, "module") else model
+    model = distributed.prepare(model)
+    core = model
     if teacher is not None:
         teacher.to(device)
 
@@ -175,6 +174,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 loss, stats = finetune_loss(model, teacher, batch, cfg.finetune, epoch, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(model)
             if scfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), scfg.grad_clip)
             optimizer.step()
