@@ -16,6 +16,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from sslmm_ray import config as config_mod
 from sslmm_ray import ray_env, storage
 from sslmm_ray.config import ExperimentConfig, ModelConfig, from_dict
 from sslmm_ray.data import pipeline, store
@@ -90,6 +91,8 @@ def prepare_stage(stage: str, cfg: ExperimentConfig, run_dir: str) -> PreparedSt
     if stage not in ("pretrain", "finetune"):
         raise ValueError(f"unknown stage {stage!r}")
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
+    # Workers on other nodes may not share the driver's environment: pin the endpoint.
+    cfg = config_mod.replace(cfg, data={"s3_endpoint": options.endpoint})
     manifest = store.open_dataset(cfg.data.uri, options)
     pretrained = None
     if stage == "finetune":
