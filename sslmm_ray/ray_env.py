@@ -57,7 +57,7 @@ def init(num_cpus: int | None = None, *, quiet: bool = True) -> ClusterInfo:
             cores = os.cpu_count() or 1
             kwargs["num_cpus"] = num_cpus or max(4, cores * LOCAL_CPU_OVERSUBSCRIPTION)
             kwargs["include_dashboard"] = False
-            ray.init(**kwargs)
+            ray.init(address="local", **kwargs)  # never attach to a stray `ray start`
         else:
             ray.init(address=address, **kwargs)
     quiet_ray_data()
