@@ -4,16 +4,25 @@
 reseeded every execution (so every epoch sees a new order), and ``map_batches`` that decodes
 rows and applies :mod:`sslmm_ray.data.protocols`. Training adds a local shuffle buffer in
 ``iter_torch_batches``; there is no global shuffle barrier in the hot path.
+
+Why the V1 Parquet reader and one block per file: Ray 2.60's default (DataSourceV2) re-lists
+the files at every execution and reads their footers on a pool of 32 freshly started actors
+(``FooterFileIndexer``), then bin-packs files into 128 MiB read units. For a list of shards we
+already know (the manifest) that costs seconds per epoch, more than reading the data, and
+packs a small split into one task with no streaming. V1 plans once and reads each shard in
+its own task; ``override_num_blocks`` stops it from cutting files into hundreds of tiny blocks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray.data
-from ray.data import FileShuffleConfig
+from ray.data import DataContext, FileShuffleConfig
 
 from sslmm_ray import storage
 from sslmm_ray.config import ExperimentConfig, FinetuneConfig
@@ -30,6 +39,21 @@ def _decode(
     table: pa.Table, modalities: dict[str, ModalitySpec], spec: protocols.ProtocolSpec
 ) -> dict[str, np.ndarray]:
     return protocols.apply(decode_table(table, modalities), spec)
+
+
+@contextmanager
+def _parquet_v1() -> Iterator[None]:
+    """Plan a ``read_parquet`` with the V1 datasource (see the module docstring)."""
+    ctx = DataContext.get_current()
+    saved = getattr(ctx, "use_datasource_v2", None)
+    if saved is None:  # a Ray without the V2 switch: nothing to do
+        yield
+        return
+    ctx.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        ctx.use_datasource_v2 = saved
 
 
 def split_dataset(
@@ -49,7 +73,10 @@ def split_dataset(
     shuffle = None
     if shuffle_seed is not None:
         shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
+    with _parquet_v1():
+        ds = ray.data.read_parquet(
+            paths, filesystem=fs, shuffle=shuffle, override_num_blocks=len(paths)
+        )
     return ds.map_batches(
         _decode,
         batch_format="pyarrow",
