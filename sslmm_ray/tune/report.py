@@ -83,7 +83,12 @@ def markdown(table: list[dict[str, Any]], headline: str) -> str:
         "| " + " | ".join(c for c, _ in cols) + " |",
         "|" + "|".join("---:" for _ in cols) + "|",
     ]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |" for r in table]
+    grid_keys = ("label_ratio", "missing_rate")
+    lines += [
+        "| " + " | ".join(f"{r[k]:g}" if k in grid_keys else _fmt(r.get(k)) for _, k in cols)
+        + " |"
+        for r in table
+    ]
     note = (
         f"\nBest trial per cell chosen by validation {headline}; test metrics of its best "
         "checkpoint, evaluated once."

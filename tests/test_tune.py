@@ -1,0 +1,252 @@
+"""Hyper-parameter search (issue 6) on the session's Ray and a real S3 server (moto).
+
+Kept tiny for a loaded 2-core machine: synthetic mosi at scale 0.05 (aligned), 1 epoch,
+model.hidden=16, 2 trials per cell. The sweep's outputs are read back independently from
+storage (Tune's own trial records, each Train run's files) and compared with what the sweep
+and the report say.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sslmm_ray import config as config_mod
+from sslmm_ray import storage
+from sslmm_ray.cli import app
+from sslmm_ray.data import store, synth
+from sslmm_ray.train.evaluate import evaluate_checkpoint
+from sslmm_ray.tune import space
+from sslmm_ray.tune.space import Cell
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "1", "--samples", "2", "--seed", "7", "--set", "model.hidden=16",
+        "--set", "finetune.batch_size=16"]
+runner = CliRunner()
+
+
+def invoke(*args: str) -> dict:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    return json.loads(out[out.index("{\n"): out.rindex("}") + 1])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(s3) -> str:
+    uri = s3.uri("tune/data")
+    store.write_dataset(synth.generate("mosi", scale=0.05, aligned=True, seed=0), uri)
+    return uri
+
+
+def _jsonl_last(uri: str) -> dict:
+    lines = [ln for ln in storage.read_bytes(uri).decode().splitlines() if ln.strip()]
+    return json.loads(lines[-1])
+
+
+def _tune_trials(cell_dir: str) -> dict[str, dict]:
+    """Tune's own record of a cell's trials: trial id -> (params, last result)."""
+    trials = {}
+    for uri in storage.list_files(cell_dir, suffix="/params.json"):
+        trial_dir = uri.rpartition("/")[0]
+        trial_id = trial_dir.rpartition("/")[2].removeprefix("trial_")
+        trials[trial_id] = {
+            "params": storage.read_json(uri),
+            "last": _jsonl_last(storage.join(trial_dir, "result.json")),
+        }
+    return trials
+
+
+# --------------------------------------------------------------------------- unit
+
+
+def test_search_space_and_seeded_searcher():
+    cell = Cell(0.3, 0.5)
+    assert cell.name == "cell_lr0.3_mr0.5"
+    assert space.grid([0.3, 0.1], [0.0, 0.3, 0.0]) == [
+        Cell(0.1, 0.0), Cell(0.1, 0.3), Cell(0.3, 0.0), Cell(0.3, 0.3)
+    ]
+
+    def first(seed: int, n: int = 3) -> list[dict]:
+        searcher = space.make_searcher("valid_Non0_acc_2", "max", seed)
+        searcher.set_search_properties("valid_Non0_acc_2", "max", space.param_space(cell))
+        return [searcher.suggest(f"t{i}") for i in range(n)]
+
+    a, b, c = first(3), first(3), first(4)
+    assert a == b, "same seed must suggest the same configurations"
+    assert a != c
+    for values in a:
+        assert set(values) == set(space.SEARCHED)
+        assert 0.5 <= values["tau"] <= 0.99
+        assert 1e-3 <= values["lambda_rec"] <= 10
+        assert 1e-4 <= values["lr"] <= 3e-3
+        assert 0.1 <= values["unlabeled_weight"] <= 2.0
+
+
+def test_trial_config_takes_cell_and_sampled_values_exactly():
+    base = config_mod.load(overrides=["finetune.pretrained=s3://b/pre_mr{missing_rate}"])
+    values = {"label_ratio": 0.3, "missing_rate": 0.7, "tau": 0.61234567,
+              "lambda_rec": 0.00123, "lr": 0.000234, "unlabeled_weight": 1.5}
+    ft = space.trial_config(base.to_dict(), values).finetune
+    assert {k: getattr(ft, k) for k in values} == values
+    assert ft.pretrained == "s3://b/pre_mr0.7"
+    assert base.finetune.tau == 0.8  # the base config is not modified
+
+
+def test_plan_that_cannot_fit_fails_before_anything_runs(ray_cluster, tmp_path):
+    result = runner.invoke(app, [
+        "tune", "--data", str(tmp_path / "no-such-data"), "--storage", str(tmp_path / "sweep"),
+        "--concurrency", "50", "--workers-per-trial", "2", "--label-ratios", "0.5",
+        "--missing-rates", "0.0",
+    ])
+    assert isinstance(result.exception, ValueError)
+    assert "50 concurrent trials x 2 workers" in str(result.exception)
+    assert "--concurrency" in str(result.exception)
+    assert not (tmp_path / "sweep").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_data, s3, tmp_path):
+    sweep_uri = s3.uri("tune/grid")
+    printed = invoke(
+        "tune", "--data", tiny_data, "--storage", sweep_uri, "--label-ratios", "0.3,0.7",
+        "--missing-rates", "0.0,0.5", "--concurrency", "2", *TINY, "--json",
+    )
+    assert len(printed["cells"]) == 4 and printed["skipped"] == []
+    metric = "valid_Non0_acc_2"
+
+    expected_rows = {}
+    for cell in space.grid([0.3, 0.7], [0.0, 0.5]):
+        tune_trials = _tune_trials(storage.join(sweep_uri, cell.name))
+        assert len(tune_trials) == 2, cell.name
+        runs = storage.join(sweep_uri, "runs", cell.name)
+        for trial_id, rec in tune_trials.items():
+            run_dir = storage.join(runs, trial_id)
+            trained = storage.read_json(storage.join(run_dir, "config.json"))["finetune"]
+            # cell constants and sampled values reach the trial's config exactly
+            assert trained["label_ratio"] == cell.label_ratio
+            assert trained["missing_rate"] == cell.missing_rate
+            for key in space.SEARCHED:
+                assert trained[key] == rec["params"][key], (cell.name, key)
+            # Train's reports were forwarded to Tune unchanged
+            history = storage.read_json(storage.join(run_dir, "history.json"))
+            assert len(history) == 1
+            assert rec["last"][metric] == pytest.approx(history[-1][metric])
+            assert list(storage.list_files(storage.join(run_dir, "tensorboard")))
+        best_value = max(t["last"][metric] for t in tune_trials.values())
+        best_ids = [i for i, t in tune_trials.items() if t["last"][metric] == best_value]
+        expected_rows[cell.name] = (best_value, best_ids, runs, tune_trials)
+
+    report = invoke("report", sweep_uri, "--out", str(tmp_path / "rep"), "--json")
+    rows = {r["cell"]: r for r in report["rows"]}
+    assert set(rows) == set(expected_rows)
+    csv_rows = {r["cell"]: r for r in csv.DictReader(io.StringIO((tmp_path / "rep" /
+                                                                  "report.csv").read_text()))}
+    for name, (best_value, best_ids, runs, tune_trials) in expected_rows.items():
+        row = rows[name]
+        assert row["valid_Non0_acc_2"] == pytest.approx(best_value)
+        assert row["trial_id"] in best_ids
+        chosen = tune_trials[row["trial_id"]]["params"]
+        assert (row["tau"], row["lambda_rec"]) == (chosen["tau"], chosen["lambda_rec"])
+        # the test numbers are the chosen trial's best checkpoint evaluated on test
+        best = storage.read_json(storage.join(runs, row["trial_id"], "best.json"))
+        test = evaluate_checkpoint(best["checkpoint"], tiny_data, split="test")
+        for key, value in test.items():
+            assert row[f"test_{key}"] == pytest.approx(value, abs=1e-9), (name, key)
+            assert float(csv_rows[name][f"test_{key}"]) == pytest.approx(value, abs=1e-9)
+
+    for fname in ("report.md", "report.csv", "heatmap_Non0_acc_2.png", "heatmap_MAE.png"):
+        assert storage.exists(storage.join(sweep_uri, "report", fname)), fname
+        assert (tmp_path / "rep" / fname).is_file()
+    assert (tmp_path / "rep" / "heatmap_MAE.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.count("\n| 0.") == 4  # one table row per cell
+
+    # a re-run skips the finished cells
+    again = invoke(
+        "tune", "--data", tiny_data, "--storage", sweep_uri, "--label-ratios", "0.3,0.7",
+        "--missing-rates", "0.0,0.5", "--concurrency", "2", *TINY, "--json",
+    )
+    assert sorted(again["skipped"]) == sorted(expected_rows)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _terminated_in_state(cell_dir: str) -> set[str]:
+    """Trial ids that Tune's saved experiment state records as TERMINATED."""
+    states = storage.list_files(cell_dir, suffix=".json")
+    states = [s for s in states if s.rpartition("/")[2].startswith("experiment_state-")]
+    if not states:
+        return set()
+    try:
+        state = storage.read_json(states[-1])
+    except (storage.StorageError, FileNotFoundError):  # replaced while we read it: poll again
+        return set()
+    done = set()
+    for trial_json, _ in state["trial_data"]:
+        trial = json.loads(trial_json)
+        if trial.get("status") == "TERMINATED":
+            done.add(trial["trial_id"])
+    return done
+
+
+def test_killed_sweep_resumes_without_repeating_finished_trials(ray_cluster, tiny_data, s3):
+    import ray
+
+    sweep_uri = s3.uri("tune/resume")
+    cell = Cell(0.5, 0.3)
+    cmd = [sys.executable, "-m", "sslmm_ray.cli", "tune", "--data", tiny_data,
+           "--storage", sweep_uri, "--label-ratios", "0.5", "--missing-rates", "0.3",
+           "--concurrency", "1", *TINY, "--json"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "TUNE_GLOBAL_CHECKPOINT_S": "1", "SSLMM_PROGRESS": "0"}
+    runs = storage.join(sweep_uri, "runs", cell.name)
+    cell_dir = storage.join(sweep_uri, cell.name)
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    finished: set[str] = set()
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            done_runs = {u.rpartition("/")[0].rpartition("/")[2]
+                         for u in storage.list_files(runs, suffix="/metrics.json")}
+            finished = done_runs & _terminated_in_state(cell_dir)
+            if finished:
+                break
+            time.sleep(2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver's own session, started above
+        proc.wait(timeout=30)
+    assert finished, f"no trial finished before the deadline: {proc.stderr.read()[-3000:]!r}"
+    assert not storage.exists(storage.join(sweep_uri, "results", f"{cell.name}.json"))
+    before = {t: storage.read_bytes(storage.join(runs, t, "metrics.json")) for t in finished}
+
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = storage.read_json(storage.join(sweep_uri, "results", f"{cell.name}.json"))
+    ids = [t["trial_id"] for t in result["trials"]]
+    assert len(ids) == 2 and all(t["finished"] for t in result["trials"])
+    assert finished <= set(ids)
+    for trial_id, metrics in before.items():
+        # not trained again: same published summary, still one epoch, one report in Tune
+        assert storage.read_bytes(storage.join(runs, trial_id, "metrics.json")) == metrics
+        assert len(storage.read_json(storage.join(runs, trial_id, "history.json"))) == 1
+    tune_trials = _tune_trials(cell_dir)
+    assert set(ids) <= set(tune_trials)
+    assert not math.isnan(result["best"]["test"]["MAE"])
