@@ -497,8 +497,8 @@ def report(
     if as_json:
         _emit({k: result[k] for k in ("headline", "rows", "files")}, True)
     else:
-        out.print(result["markdown"])
-        out.print("written: " + ", ".join(result["files"]))
+        out.print(result["markdown"], markup=False, highlight=False, soft_wrap=True)
+        out.print("written: " + ", ".join(result["files"]), highlight=False, soft_wrap=True)
 
 # --------------------------------------------------------------------------- benchmarks
 
