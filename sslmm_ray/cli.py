@@ -561,12 +561,19 @@ def bench_accuracy(
     seeds: Annotated[int, typer.Option(help="Seeds per variant.")] = 3,
     scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.5,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 12,
+    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs.")] = 6,
+    aligned: Annotated[bool, typer.Option(help="Word-aligned mosi shapes (faster).")] = True,
+    variants: Annotated[str | None, typer.Option(
+        help="Comma-separated subset of variants (default: all).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """SSLMM vs supervised-only, each ablation and early fusion (rho 0.5, missing 0.5)."""
     from sslmm_ray.bench import accuracy
 
-    result = accuracy.run(seeds=seeds, scale=scale, epochs=epochs)
+    result = accuracy.run(
+        seeds=seeds, scale=scale, epochs=epochs, pretrain_epochs=pretrain_epochs,
+        aligned=aligned, variants=variants.split(",") if variants else None,
+    )
     if as_json:
         _emit(result, True)
     else:

@@ -38,11 +38,13 @@ def s3() -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3):
     """One local Ray for the whole session (``ray.init`` costs ~10 s); shut down at the end.
 
     Modules that need Ray take this fixture instead of calling ``ray.init`` themselves, so the
     suite pays for one start. Logical CPUs exceed the 2 cores on purpose (see ``ray_env``).
+    It starts after the S3 server so that its workers inherit the AWS chain's environment,
+    as workers on a real node inherit that node's credentials.
     """
     import ray
 

@@ -37,6 +37,7 @@ VARIANTS: dict[str, tuple[bool, list[str]]] = {
 def run(
     *, seeds: int = 3, scale: float = 0.5, epochs: int = 12, pretrain_epochs: int = 6,
     label_ratio: float = 0.5, missing_rate: float = 0.5, variants: list[str] | None = None,
+    aligned: bool = True, workers: int = 1,
 ) -> dict[str, Any]:
     from sslmm_ray.train.runner import run_stage
 
@@ -46,13 +47,14 @@ def run(
     with tempfile.TemporaryDirectory(prefix="sslmm-bench-acc-") as tmp:
         root = Path(tmp)
         data_uri = str(root / "data")
-        store.write_dataset(synth.generate("mosi", scale=scale, seed=0), data_uri)
+        store.write_dataset(synth.generate("mosi", scale=scale, aligned=aligned, seed=0), data_uri)
         for seed in range(seeds):
             common = [
                 f"data.uri={data_uri}", f"finetune.seed={seed}", f"pretrain.seed={seed}",
                 f"finetune.label_ratio={label_ratio}", f"finetune.missing_rate={missing_rate}",
                 f"pretrain.missing_rate={missing_rate}", f"finetune.epochs={epochs}",
-                f"pretrain.epochs={pretrain_epochs}",
+                f"pretrain.epochs={pretrain_epochs}", f"finetune.workers={workers}",
+                f"pretrain.workers={workers}",
             ]
             pretrained: dict[str, str] = {}
             for name in names:
@@ -74,7 +76,8 @@ def run(
         name: {k: _spread([r[k] for r in rs]) for k in METRICS} for name, rs in results.items()
     }
     out: dict[str, Any] = {
-        "setting": {"preset": "mosi", "scale": scale, "label_ratio": label_ratio,
+        "setting": {"preset": "mosi", "aligned": aligned, "scale": scale,
+                    "label_ratio": label_ratio,
                     "missing_rate": missing_rate, "epochs": epochs,
                     "pretrain_epochs": pretrain_epochs, "seeds": seeds},
         "summary": summary,
