@@ -30,9 +30,10 @@ from sslmm_ray.data import protocols
 from sslmm_ray.data.store import Manifest, ModalitySpec, decode_table, iter_split_tables
 from sslmm_ray.storage import StorageOptions
 
-#: Rows per decode call: large enough to amortise per-batch overhead, small enough that output
-#: blocks stream (a MOSI row is ~200 KB decoded, so 128 rows is ~25 MB).
-DECODE_BATCH_ROWS = 128
+#: Rows per decode call: None = one call per block, i.e. per shard. That lets Ray fuse the read
+#: and the decode into one task (a fixed batch size would add an operator and a trip through
+#: the object store); the store's ``shard_rows`` sets the granularity (a MOSI row is ~200 KB).
+DECODE_BATCH_ROWS: int | None = None
 
 
 def _decode(
