@@ -465,7 +465,7 @@ def tune(
             "workers_per_trial": workers_per_trial, "asha": asha, "seed": seed,
         },
     )
-    result = run_sweep(cfg, storage_uri, baseline=baseline)
+    result = run_sweep(cfg, storage_uri, baseline=baseline, verbose=0 if as_json else 1)
     if as_json:
         _emit(result, True)
         return

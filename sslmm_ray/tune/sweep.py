@@ -111,8 +111,12 @@ def _check_same_sweep(cfg: ExperimentConfig, layout: Layout, options: StorageOpt
     storage.write_json(uri, current, options)
 
 
-def run_sweep(cfg: ExperimentConfig, storage_uri: str, *, baseline: bool = False) -> dict[str, Any]:
-    """Search every cell of the grid (resuming what is there) and return the cells' results."""
+def run_sweep(
+    cfg: ExperimentConfig, storage_uri: str, *, baseline: bool = False, verbose: int = 1
+) -> dict[str, Any]:
+    """Search every cell of the grid (resuming what is there) and return the cells' results.
+
+    ``verbose`` is Tune's (0 keeps stdout clean for ``--json``)."""
     started = time.monotonic()
     cfg = sweep_config(cfg)
     info = ray_env.init()
@@ -130,7 +134,9 @@ def run_sweep(cfg: ExperimentConfig, storage_uri: str, *, baseline: bool = False
             skipped.append(cell.name)
             results.append(storage.read_json(layout.result(cell), options))
             continue
-        results.append(run_cell(cfg, cell, layout, options, headline, baseline=baseline))
+        results.append(
+            run_cell(cfg, cell, layout, options, headline, baseline=baseline, verbose=verbose)
+        )
     return {
         "storage": storage_uri,
         "metric": f"valid_{headline}",
@@ -140,7 +146,9 @@ def run_sweep(cfg: ExperimentConfig, storage_uri: str, *, baseline: bool = False
     }
 
 
-def _tuner(cfg: ExperimentConfig, cell: Cell, layout: Layout, metric: str) -> tune.Tuner:
+def _tuner(
+    cfg: ExperimentConfig, cell: Cell, layout: Layout, metric: str, verbose: int = 1
+) -> tune.Tuner:
     """A new Tuner for the cell, or the interrupted one restored from storage."""
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
     storage_path, fs = storage.ray_storage(layout.root, options)
@@ -186,7 +194,7 @@ def _tuner(cfg: ExperimentConfig, cell: Cell, layout: Layout, metric: str) -> tu
             name=cell.name,
             storage_path=storage_path,
             storage_filesystem=fs,
-            verbose=1,
+            verbose=verbose,
         ),
     )
 
@@ -199,11 +207,12 @@ def run_cell(
     headline: str,
     *,
     baseline: bool = False,
+    verbose: int = 1,
 ) -> dict[str, Any]:
     """Search one cell, test its best trial once, optionally run its baseline; publish."""
     metric = f"valid_{headline}"
     started = time.monotonic()
-    grid = _tuner(cfg, cell, layout, metric).fit()
+    grid = _tuner(cfg, cell, layout, metric, verbose).fit()
     search_wall_s = time.monotonic() - started
     trials = [_trial_record(r, layout.runs(cell), metric, options) for r in grid]
     trials = [t for t in trials if t is not None]
