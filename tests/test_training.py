@@ -115,7 +115,9 @@ def test_resume_after_driver_killed(ray_cluster, local_data, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        wait_for(lambda: epochs_done(run_dir) or proc.poll() is not None, "epoch 0")
+        snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+        wait_for(lambda: (epochs_done(run_dir) and snapshot.exists()) or proc.poll() is not None,
+                 "epoch 0's checkpoint registered")
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         first = RunLog.read(run_dir, storage.StorageOptions())[0]
     finally:
@@ -196,6 +198,8 @@ def _one_step(config: dict) -> None:
     opt.step()
     with torch.no_grad():
         after, _ = finetune_loss(model, None, batch, cfg.finetune, 0, gen)
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps({"loss_after": float(after)}))
     ray.train.report({"loss_after": float(after)})
 
 
@@ -203,6 +207,8 @@ def test_ddp_two_workers_match_one_worker(ray_cluster, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Workers cannot import this test module: ship _one_step by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = config_mod.load(overrides=[*TINY, "finetune.pseudo_labels=false",
                                      "finetune.reconstruction=false"])
     dims, lengths = {"text": 12, "audio": 5, "vision": 7}, {"text": 6, "audio": 9, "vision": 8}
@@ -211,11 +217,12 @@ def test_ddp_two_workers_match_one_worker(ray_cluster, tmp_path):
         trainer = TorchTrainer(
             _one_step,
             train_loop_config={"cfg": cfg.to_dict(), "dims": dims, "lengths": lengths,
-                               "batch": 16},
+                               "batch": 16, "out": str(tmp_path / f"loss{workers}.json")},
             scaling_config=ScalingConfig(num_workers=workers),
             run_config=RunConfig(name=f"ddp{workers}", storage_path=str(tmp_path)),
         )
-        losses[workers] = trainer.fit().metrics["loss_after"]
+        trainer.fit()
+        losses[workers] = json.loads((tmp_path / f"loss{workers}.json").read_text())["loss_after"]
     # gradients averaged over equal halves equal the full-batch gradient (float32 round-off)
     assert losses[2] == pytest.approx(losses[1], abs=1e-5), losses
 

@@ -217,7 +217,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         report["best_" + metric] = best if best is not None else math.nan
         if rank == 0:
             history.append({k: float(v) for k, v in report.items()})
-            run_log.write(history)
 
         with tempfile.TemporaryDirectory(prefix="sslmm-ckpt-") as tmp:
             checkpoint = None
@@ -249,5 +248,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 ckpt.save(tmp, meta, state)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(report, checkpoint=checkpoint)
+        if rank == 0:  # after the checkpoint is persisted: history never runs ahead of it
+            run_log.write(history)
         if stop:
             break
