@@ -172,9 +172,11 @@ def _tuner(
     if t.asha:
         from ray.tune.schedulers import ASHAScheduler
 
+        # max_t one past the last epoch: ASHA stops a trial that reaches max_t, which would
+        # kill a trial that is finishing normally before it publishes best.json/metrics.json.
         scheduler = ASHAScheduler(
             time_attr=trial.EPOCHS_DONE,
-            max_t=cfg.finetune.epochs,
+            max_t=cfg.finetune.epochs + 1,
             grace_period=1,
             reduction_factor=2,
         )
