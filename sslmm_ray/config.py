@@ -41,6 +41,10 @@ class DataConfig:
     s3_endpoint: str | None = None
     shuffle_buffer: Annotated[int, Field(ge=0)] = 256
     read_parallelism: Annotated[int, Field(ge=-1)] = -1
+    # Decode a split once into Ray's object store when it is at most this large (0: stream
+    # from storage every epoch). Decoding costs a core per ~1,300 mosi rows/s; epochs 2+ of a
+    # cached split cost none.
+    cache_mb: Annotated[int, Field(ge=0)] = 1024
 
 
 @dataclass(config=_STRICT)

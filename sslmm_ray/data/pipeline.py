@@ -116,15 +116,38 @@ def finetune_specs(
     }
 
 
+def decoded_bytes(manifest: Manifest, split: str) -> int:
+    """Size of a split once decoded to model batches (features, masks, labels)."""
+    per_row = sum(s.length * (4 * s.dim + 1) for s in manifest.modalities.values()) + 16
+    return manifest.counts.get(split, 0) * per_row
+
+
+def cached(
+    ds: ray.data.Dataset, manifest: Manifest, split: str, cache_mb: int, seed: int | None
+) -> ray.data.Dataset:
+    """Decode once into the object store when the split fits ``cache_mb``.
+
+    Every epoch re-executes a streaming dataset: read, decode and apply the protocols again.
+    The protocols are deterministic per sample, so their output can be kept; a cached training
+    split keeps per-epoch variety through a seeded block order plus the workers' local shuffle
+    buffer (no global shuffle either way).
+    """
+    if cache_mb <= 0 or decoded_bytes(manifest, split) > cache_mb * 2**20:
+        return ds
+    ds = ds.materialize()
+    return ds.randomize_block_order(seed=seed) if seed is not None else ds
+
+
 def finetune_datasets(
     manifest: Manifest, cfg: ExperimentConfig, options: StorageOptions | None = None
 ) -> dict[str, ray.data.Dataset]:
     specs = finetune_specs(manifest, cfg.finetune, options)
+    seed, cache_mb = cfg.finetune.seed, cfg.data.cache_mb
+    train = split_dataset(manifest, "train", specs["train"], options, shuffle_seed=seed)
+    valid = split_dataset(manifest, "valid", specs["valid"], options)
     return {
-        "train": split_dataset(
-            manifest, "train", specs["train"], options, shuffle_seed=cfg.finetune.seed
-        ),
-        "valid": split_dataset(manifest, "valid", specs["valid"], options),
+        "train": cached(train, manifest, "train", cache_mb, seed),
+        "valid": cached(valid, manifest, "valid", cache_mb, None),
     }
 
 
@@ -139,7 +162,10 @@ def pretrain_datasets(
         seed=pre.seed,
         labeled_keys=np.zeros(0, np.uint64),
     )
+    seed, cache_mb = pre.seed, cfg.data.cache_mb
+    train = split_dataset(manifest, "train", spec, options, shuffle_seed=seed)
+    valid = split_dataset(manifest, "valid", spec, options)
     return {
-        "train": split_dataset(manifest, "train", spec, options, shuffle_seed=cfg.pretrain.seed),
-        "valid": split_dataset(manifest, "valid", spec, options),
+        "train": cached(train, manifest, "train", cache_mb, seed),
+        "valid": cached(valid, manifest, "valid", cache_mb, None),
     }
