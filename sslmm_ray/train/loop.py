@@ -123,23 +123,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if loop_config.get("pretrained"):
         _, pre = ckpt.load(loop_config["pretrained"], StorageOptions.from_env(cfg.data.s3_endpoint))
         model.load_state_dict(pre["model"])
-    teacher = None
-    if stage == "finetune":
-        teacher = make_teacher(model)
-
+    # On the worker's device before the optimizer exists, so resumed optimizer state lands there.
+    model = distributed.prepare(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=scfg.epochs)
     start_epoch, best, bad_epochs, step = 0, None, 0, 0
     history: list[dict[str, float]] = []
 
     resume = ray.train.get_checkpoint()
+    state: dict[str, Any] = {}
     if resume is not None:
         _, state = ckpt.load_ray_checkpoint(resume)
         model.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if teacher is not None and state.get("teacher") is not None:
-            teacher.load_state_dict(state["teacher"])
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch = int(state["epoch"]) + 1
         best = state.get("best")
@@ -147,10 +144,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step = int(state.get("step", 0))
         history = list(state.get("history", []))
 
-    model = distributed.prepare(model)
-    core = model
-    if teacher is not None:
-        teacher.to(device)
+    # The EMA teacher starts as the (broadcast) student, or as it was saved.
+    teacher = make_teacher(model) if stage == "finetune" else None
+    if teacher is not None and state.get("teacher") is not None:
+        teacher.load_state_dict(state["teacher"])
 
     metric, mode = selection(stage, family)
     run_log = RunLog(loop_config["run_dir"], StorageOptions.from_env(cfg.data.s3_endpoint))
@@ -179,7 +176,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), scfg.grad_clip)
             optimizer.step()
             if teacher is not None:
-                ema_update(teacher, core, ema_decay(cfg.finetune.ema_decay, step))
+                ema_update(teacher, model, ema_decay(cfg.finetune.ema_decay, step))
             step += 1
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
             for k, v in stats.items():
@@ -199,10 +196,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             valid_batches = valid_shard.iter_torch_batches(batch_size=256)
             if stage == "pretrain":
                 report["valid_loss"] = _pretrain_valid_loss(
-                    core, valid_batches, cfg.pretrain, device
+                    model, valid_batches, cfg.pretrain, device
                 )
             else:
-                evaluated = teacher if teacher is not None else core
+                evaluated = teacher if teacher is not None else model
                 preds, labels = predict(evaluated, valid_batches, device)
                 for k, v in mmsa.compute_metrics(preds, labels, family).items():
                     report[f"valid_{k}"] = v
@@ -233,8 +230,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 )
                 # "model" is what inference uses: the EMA teacher when there is one.
                 state = {
-                    "model": (teacher if teacher is not None else core).state_dict(),
-                    "student": core.state_dict(),
+                    "model": (teacher if teacher is not None else model).state_dict(),
+                    "student": model.state_dict(),
                     "teacher": teacher.state_dict() if teacher is not None else None,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
