@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import ray
@@ -256,3 +257,37 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(ray_cluster, loca
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "corrupt checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_and_robustness_curve(ray_cluster, local_data, tmp_path):
+    import pyarrow.parquet as pq
+
+    from sslmm_ray.train.evaluate import CURVE_RATES, robustness_curve
+    from sslmm_ray.train.predict import SUCCESS, predict
+
+    run_dir = str(tmp_path / "ft")
+    run_stage("finetune", tiny_config(local_data, "finetune.epochs=1"), run_dir)
+    manifest = store.open_dataset(local_data)
+
+    out = tmp_path / "pred"
+    summary = predict(run_dir, local_data, str(out), splits=("valid", "test"),
+                      missing_rate=0.5, seed=3)
+    table = pq.read_table(str(out), columns=["id", "split", "prediction", "text_present",
+                                             "audio_present", "vision_present"])
+    assert (out / SUCCESS).is_file() and summary["rows"] == table.num_rows
+    assert table.num_rows == manifest.counts["valid"] + manifest.counts["test"]
+    assert sorted(set(table.column("split").to_pylist())) == ["test", "valid"]
+    present = np.stack([table.column(f"{m}_present").to_numpy(zero_copy_only=False)
+                        for m in ("text", "audio", "vision")], axis=1)
+    assert present.any(axis=1).all() and not present.all()  # any pattern, >= 1 kept
+    with pytest.raises(ValueError, match="already holds predictions"):
+        predict(run_dir, local_data, str(out))
+
+    curve = robustness_curve(run_dir, local_data, str(tmp_path / "curve"))
+    assert [p["missing_rate"] for p in curve["points"]] == list(CURVE_RATES)
+    assert (tmp_path / "curve" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "curve" / "curve.json").read_text()) == json.loads(
+        json.dumps(curve))
+    # no missing data is the curve's first point and equals a plain evaluation
+    plain = evaluate_checkpoint(run_dir, local_data, missing_rate=0.0)
+    assert curve["points"][0]["Non0_acc_2"] == pytest.approx(plain["Non0_acc_2"])
