@@ -14,7 +14,8 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
+from sslmm_ray.config import MODALITIES
+
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 LENGTH_KEYS: dict[str, str] = {m: f"{m}_len" for m in MODALITIES}
 SPLIT_KEYS: tuple[str, ...] = ("id", "label", *MODALITIES, *LENGTH_KEYS.values())

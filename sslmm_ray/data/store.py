@@ -37,14 +37,13 @@ import pyarrow.parquet as pq
 
 from sslmm_ray import storage
 from sslmm_ray.config import MODALITIES
-from sslmm_ray.data.sources import DataError, RawDataset, validate_raw
+from sslmm_ray.data.sources import SPLITS, DataError, RawDataset, validate_raw
 from sslmm_ray.storage import StorageError, StorageOptions
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS: tuple[str, ...] = ("train", "valid", "test")
 GENERATION_PREFIX = "shards-"
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "lz4", "snappy", "gzip")
 #: Uncompressed by default: float features shrink only ~1.5x under zstd, while decompressing
