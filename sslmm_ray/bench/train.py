@@ -21,6 +21,7 @@ from sslmm_ray import config as config_mod
 from sslmm_ray import ray_env
 from sslmm_ray.data import pipeline, protocols, store, synth
 from sslmm_ray.model import build_model, ema_update, finetune_loss, make_teacher
+from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train.runlog import RunLog
 
 
@@ -59,14 +60,8 @@ def _ray_run(cfg: config_mod.ExperimentConfig, run_dir: str, workers: int) -> fl
 
     cfg = config_mod.replace(cfg, finetune={"workers": workers})
     run_stage("finetune", cfg, run_dir, evaluate_test=False)
-    history = RunLog.read(run_dir, cfg_options(cfg))[1:]
+    history = RunLog.read(run_dir, StorageOptions.from_env(cfg.data.s3_endpoint))[1:]
     return float(np.mean([h["train_samples"] / h["train_seconds"] for h in history]))
-
-
-def cfg_options(cfg: config_mod.ExperimentConfig):
-    from sslmm_ray.storage import StorageOptions
-
-    return StorageOptions.from_env(cfg.data.s3_endpoint)
 
 
 def run(*, scale: float = 0.3, epochs: int = 4, seed: int = 0) -> dict[str, Any]:

@@ -9,7 +9,6 @@ user passes as a checkpoint may also be a run directory, meaning that run's best
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,6 +131,3 @@ def write_best(run_dir: str, checkpoint_uri: str, metrics: dict[str, Any], optio
         storage.join(run_dir, BEST), {"checkpoint": checkpoint_uri, "metrics": metrics}, options
     )
 
-
-def local_tmpdir() -> str:
-    return tempfile.mkdtemp(prefix="sslmm-ckpt-", dir=os.environ.get("TMPDIR"))
