@@ -44,7 +44,7 @@ def run(
             f"tune.workers_per_trial={workers_per_trial}", f"tune.seed={seed}",
             "tune.label_ratios=[0.5]", "tune.missing_rates=[0.3]",
         ])
-        result = run_sweep(cfg, str(root / "sweep"))
+        result = run_sweep(cfg, str(root / "sweep"), verbose=0)  # stdout stays JSON
     cell = result["cells"][0]
     trial_s = [t["time_s"] for t in cell["trials"]]
     wall = cell["search_wall_s"]
