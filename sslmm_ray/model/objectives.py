@@ -223,8 +223,11 @@ def finetune_loss(
       unlabeled rows whose confidence (:func:`pseudo_labels`) is >= ``tau``, averaged over all
       unlabeled rows (rejected ones count as 0); ``w = unlabeled_weight * rampup``.
     - ``L_rec`` (``cfg.reconstruction``): present modalities are dropped on purpose with
-      ``drop_prob`` (>= 1 kept) before the student sees the batch; their segment features are
-      rebuilt from the others. Zero when nothing was dropped.
+      ``drop_prob`` (>= 1 kept) in a second view of the batch, and their segment features are
+      rebuilt from the others. Zero when nothing was dropped. The supervised and pseudo-label
+      terms read the batch as the data has it: computing them on the degraded view trains the
+      regressor on more missingness than the test protocol has (measured: about 2 points of
+      Non0_acc_2 lost on synthetic mosi, 3 seeds).
 
     Unlabeled rows' ``label`` values are replaced by 0 before any arithmetic, so they cannot
     reach a loss or a gradient.
@@ -232,11 +235,7 @@ def finetune_loss(
     net = _unwrap(student)
     inputs = features(batch)
     reconstruct = cfg.reconstruction and cfg.lambda_rec > 0 and bool(getattr(net, "decoders", {}))
-    if reconstruct:
-        view, dropped = drop_modalities(inputs, cfg.drop_prob, generator)
-    else:
-        view, dropped = inputs, presence(inputs) & False
-    out = student(view)
+    out = student(inputs)
 
     labeled = batch["labeled"].bool()
     target = torch.where(labeled, batch["label"].to(out.pred.dtype), torch.zeros_like(out.pred))
@@ -262,10 +261,14 @@ def finetune_loss(
         stats.update(pseudo=float(pseudo.detach()), unlabeled_weight=weight)
 
     if reconstruct:
-        targets, segment_valid = net.segment_targets(inputs)
-        select = {m: segment_valid[m] & dropped[:, i : i + 1]
-                  for i, m in enumerate(net.modalities)}
-        rec = _reconstruction(out, targets, select)
+        view, dropped = drop_modalities(inputs, cfg.drop_prob, generator)
+        if dropped.any():
+            targets, segment_valid = net.segment_targets(inputs)
+            select = {m: segment_valid[m] & dropped[:, i : i + 1]
+                      for i, m in enumerate(net.modalities)}
+            rec = _reconstruction(student(view), targets, select)
+        else:
+            rec = out.pred.sum() * 0.0
         loss = loss + cfg.lambda_rec * rec
         stats.update(rec=float(rec.detach()), dropped=float(dropped.float().sum(dim=1).mean()))
 
