@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from sslmm_ray.config import ExperimentConfig, from_dict
 
@@ -48,14 +49,38 @@ def param_space(cell: Cell) -> dict[str, Any]:
     }
 
 
+class RestorableOptunaSearch(OptunaSearch):
+    """OptunaSearch that accepts trials it never suggested in this process.
+
+    Tune saves the searcher periodically; a trial suggested after the last save and still
+    running when the driver died comes back with ``Tuner.restore`` but is unknown to the
+    restored study (a KeyError inside Ray 2.60's OptunaSearch). Its intermediate results
+    are skipped and its final result joins the study as an evaluated point.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        if trial_id in self._ot_trials or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        value = (result or {}).get(self.metric)
+        config = (result or {}).get("config") or {}
+        space = self._space if isinstance(self._space, dict) else {}
+        params = {k: config[k] for k in space if k in config}
+        if value is not None and space and len(params) == len(space):
+            self.add_evaluated_point(params, value, error=error)
+
+
 def make_searcher(metric: str, mode: str, seed: int):
     """Seeded TPE: the same seed suggests the same first configurations."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     # The sampler carries the seed (OptunaSearch ignores ``seed=0`` as falsy).
     sampler = optuna.samplers.TPESampler(seed=seed)
-    return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+    return RestorableOptunaSearch(metric=metric, mode=mode, sampler=sampler)
 
 
 def trial_config(
