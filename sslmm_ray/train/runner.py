@@ -22,6 +22,7 @@ from sslmm_ray.config import ExperimentConfig, ModelConfig, from_dict
 from sslmm_ray.data import pipeline, store
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
+from sslmm_ray.train import progress
 from sslmm_ray.train.evaluate import evaluate_checkpoint
 from sslmm_ray.train.loop import selection, stage_config, train_loop
 from sslmm_ray.train.runlog import RunLog
@@ -193,7 +194,11 @@ def run_stage(
         what=f"{stage} with {scfg.workers} workers",
     )
     prep = prepare_stage(stage, cfg, run_dir)
-    result = build_trainer(prep).fit()
+    trainer = build_trainer(prep)
+    with progress.follow(
+        run_dir, prep.options, epochs=scfg.epochs, metric=prep.metric, title=stage
+    ):
+        result = trainer.fit()
     return finish_stage(prep, result, evaluate_test=evaluate_test)
 
 
