@@ -108,6 +108,15 @@ def load(uri: str, options: StorageOptions | None = None) -> tuple[CheckpointMet
         return load_dir(tmp)
 
 
+def check_compatible(meta: CheckpointMeta, dims, lengths, checkpoint_uri: str, data_uri: str):
+    """A checkpoint only runs on data of the shapes it was trained on."""
+    if meta.dims != dict(dims) or meta.lengths != dict(lengths):
+        raise CheckpointError(
+            f"checkpoint {checkpoint_uri} was trained on dims {meta.dims} / lengths "
+            f"{meta.lengths}, but {data_uri} has dims {dict(dims)} / lengths {dict(lengths)}"
+        )
+
+
 def load_model(
     uri: str, options: StorageOptions | None = None
 ) -> tuple[torch.nn.Module, CheckpointMeta]:

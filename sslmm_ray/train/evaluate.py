@@ -37,12 +37,7 @@ def _metrics(model, manifest, split, spec, options) -> dict[str, float]:
 def _open(checkpoint_uri: str, data_uri: str, options):
     model, meta = ckpt.load_model(checkpoint_uri, options)
     manifest = store.open_dataset(data_uri, options)
-    if meta.dims != manifest.dims or meta.lengths != manifest.lengths:
-        raise ckpt.CheckpointError(
-            f"checkpoint {checkpoint_uri} was trained on dims {meta.dims} / lengths "
-            f"{meta.lengths}, but {data_uri} has dims {manifest.dims} / lengths "
-            f"{manifest.lengths}"
-        )
+    ckpt.check_compatible(meta, manifest.dims, manifest.lengths, checkpoint_uri, data_uri)
     return model, meta, manifest
 
 

@@ -71,11 +71,7 @@ def predict(
     checkpoint_uri = ckpt.resolve(checkpoint_uri, options)
     manifest = store.open_dataset(data_uri, options)
     meta, _ = ckpt.load(checkpoint_uri, options)
-    if meta.dims != manifest.dims or meta.lengths != manifest.lengths:
-        raise ckpt.CheckpointError(
-            f"checkpoint {checkpoint_uri} expects dims {meta.dims}, lengths {meta.lengths}; "
-            f"{data_uri} has {manifest.dims}, {manifest.lengths}"
-        )
+    ckpt.check_compatible(meta, manifest.dims, manifest.lengths, checkpoint_uri, data_uri)
     unknown = [s for s in splits if s not in manifest.counts]
     if unknown:
         raise ValueError(f"{data_uri} has no split(s) {unknown}; it has {list(manifest.counts)}")
