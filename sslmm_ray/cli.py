@@ -561,7 +561,7 @@ def bench_accuracy(
     seeds: Annotated[int, typer.Option(help="Seeds per variant.")] = 3,
     scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.5,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 12,
-    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs.")] = 6,
+    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs.")] = 15,
     aligned: Annotated[bool, typer.Option(help="Word-aligned mosi shapes (faster).")] = True,
     variants: Annotated[str | None, typer.Option(
         help="Comma-separated subset of variants (default: all).")] = None,

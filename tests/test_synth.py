@@ -16,7 +16,7 @@ from sslmm_ray.data.sources import (
     RawDataset,
     validate_raw,
 )
-from sslmm_ray.data.synth import generate, split_sizes
+from sslmm_ray.data.synth import N_CLUSTERS, generate, split_sizes
 
 # Tiny scales: a handful of samples per split, real shapes.
 TINY = {"mosi": 0.02, "mosei": 0.002, "sims": 0.01, "scalable": 0.02}
@@ -105,21 +105,50 @@ def mosi_small() -> RawDataset:
     return generate("mosi", scale=0.1, seed=0)
 
 
-def _sign_accuracy(raw: RawDataset, m: str) -> float:
+def _held_out(raw: RawDataset, m: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate([_pooled(raw.splits[s], m) for s in ("valid", "test")])
+    y = np.concatenate([raw.splits[s]["label"] for s in ("valid", "test")])
+    return x, y
+
+
+def _non0_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    nz = y != 0
+    return float(((pred[nz] > 0) == (y[nz] > 0)).mean())
+
+
+def _ridge_accuracy(raw: RawDataset, m: str) -> float:
     """Ridge on mean-pooled features of one modality; Non0 binary accuracy on valid + test."""
     tr = raw.splits["train"]
     predict = _ridge_fit(_pooled(tr, m), tr["label"])
-    x = np.concatenate([_pooled(raw.splits[s], m) for s in ("valid", "test")])
-    y = np.concatenate([raw.splits[s]["label"] for s in ("valid", "test")])
-    nz = y != 0
-    return float(((predict(x)[nz] > 0) == (y[nz] > 0)).mean())
+    x, y = _held_out(raw, m)
+    return _non0_accuracy(predict(x), y)
+
+
+def _knn_accuracy(raw: RawDataset, m: str, k: int = 7) -> float:
+    """k nearest training neighbours (standardised mean-pooled features), mean label."""
+    tr = raw.splits["train"]
+    x = _pooled(tr, m)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    q, y = _held_out(raw, m)
+    d = ((((q - mu) / sd)[:, None, :] - ((x - mu) / sd)[None]) ** 2).sum(-1)
+    nearest = np.argsort(d, axis=1)[:, :k]
+    return _non0_accuracy(tr["label"][nearest].mean(axis=1), y)
 
 
 def test_signal_is_learnable_and_text_strongest(mosi_small: RawDataset) -> None:
-    acc = {m: _sign_accuracy(mosi_small, m) for m in MODALITIES}
+    """Sentiment lives in the clusters: a local (k-NN) rule finds it, best from text."""
+    acc = {m: _knn_accuracy(mosi_small, m) for m in MODALITIES}
     assert acc["text"] > 0.75, acc
     assert acc["text"] > acc["vision"] + 0.05, acc
     assert acc["text"] < 0.99, acc  # not trivial
+
+
+def test_sentiment_is_not_linear(mosi_small: RawDataset) -> None:
+    """The cluster -> sentiment map is shuffled: a linear readout falls well short of k-NN.
+
+    This is what makes labels scarce at a few hundred and unlabeled data worth having.
+    """
+    assert _ridge_accuracy(mosi_small, "text") < _knn_accuracy(mosi_small, "text") - 0.04
 
 
 def test_missing_modality_partly_rebuildable(mosi_small: RawDataset) -> None:
@@ -132,15 +161,37 @@ def test_missing_modality_partly_rebuildable(mosi_small: RawDataset) -> None:
     assert 0.2 < r2 < 0.95
 
 
+def _kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 30) -> np.ndarray:
+    """Lloyd's algorithm from k-means++ seeds; returns the cluster of each row."""
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(k - 1):
+        d = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
+        centres.append(x[rng.choice(len(x), p=d / d.sum())])
+    c = np.stack(centres)
+    for _ in range(iters):
+        assign = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+        c = np.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(k)])
+    return assign
+
+
 def test_unlabeled_structure_predicts_sentiment(mosi_small: RawDataset) -> None:
-    """Clusters: the top principal component of pooled text, found without labels, tracks sign."""
+    """Clusters found without labels, then named by two labels each, predict the sign.
+
+    The cluster assumption of pseudo-labelling: unlabeled data draw the boundaries, a few
+    labels per cluster say which side is which.
+    """
     x = np.concatenate([_pooled(mosi_small.splits[s], "text") for s in SPLITS])
     y = np.concatenate([mosi_small.splits[s]["label"] for s in SPLITS])
     z = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    _, _, vt = np.linalg.svd(z, full_matrices=False)
-    scores = z @ vt[:3].T
-    best = max(abs(np.corrcoef(scores[:, k], y)[0, 1]) for k in range(3))
-    assert best > 0.4
+    assign = _kmeans(z, N_CLUSTERS)
+    n_train = mosi_small.counts()["train"]
+    named = np.zeros(N_CLUSTERS)
+    for j in range(N_CLUSTERS):
+        members = np.flatnonzero(assign[:n_train] == j)[:2]  # two labels per cluster
+        named[j] = y[members].mean() if members.size else 0.0
+    held_out = np.arange(n_train, len(y))
+    assert _non0_accuracy(named[assign[held_out]], y[held_out]) > 0.7
 
 
 def test_generate_memory_bounded() -> None:

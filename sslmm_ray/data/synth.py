@@ -5,18 +5,23 @@ Its latent structure is built so that every part of SSLMM has something to find:
 
 Per sample ``i`` (all draws seeded; the model's parameters are shared by the three splits):
 
-1. **Clusters and sentiment.** A cluster ``c_i`` is drawn uniformly from ``K = 4``. Each
-   cluster has a sentiment centre (-1.8, -0.6, 0.6, 1.8 on the [-3, 3] scale) and a mean
-   ``mu_c`` in a shared latent space of ``k = 8`` dimensions. The latent sentiment is
-   ``s_i = centre(c_i) + 0.5 * eps`` and the shared latent is ``z_i = (s_i / 1.4, mu_c[1:] + eps)``:
-   the clusters are well separated in ``z``, so unlabeled samples reveal them, and the cluster
-   tells most of the sentiment (pre-training and pseudo-labels have something to exploit).
+1. **Clusters and sentiment.** A cluster ``c_i`` is drawn uniformly from ``K = 16``. Each
+   cluster has a mean ``mu_c`` in a shared latent space of ``k = 8`` dimensions (norm 4) and a
+   sentiment centre: the 16 values of ``linspace(-2.2, 2.2)`` on the [-3, 3] scale, handed to
+   the clusters by a seeded shuffle. The latent sentiment is ``s_i = centre(c_i) + 0.5 * eps``
+   and the shared latent ``z_i = (s_i / 1.4, mu_c[1:] + eps)``. Because the cluster -> sentiment
+   map is shuffled, sentiment is not a linear function of the features: a model needs labels
+   from many clusters to learn it, while unlabeled samples already show the clusters. This is
+   the cluster assumption that pseudo-labels and pre-training exploit; with a monotone map
+   (generator version 1) a supervised model trained on 128 labels was as good as one trained
+   on 642, and unlabeled data had nothing left to add.
 2. **Uneven views of the shared latent.** Modality ``m`` sees a noisy, re-weighted copy
    ``v_{i,m} = (g_m * z_i[0], h_m * z_i[1:]) + sigma_m * eps`` with sentiment gains
-   ``g = (1.0, 0.7, 0.35)``, cluster gains ``h = (1.0, 0.8, 0.5)`` and view noise
-   ``sigma = (0.3, 0.6, 1.0)`` for (text, audio, vision): text carries sentiment best, vision
-   worst. Because every view comes from the same ``z``, a missing modality can be partly
-   rebuilt from the present ones (not fully: its view noise and private part are its own).
+   ``g = 0.3 * (1.0, 0.7, 0.35)`` (a weak direct sentiment coordinate), cluster gains
+   ``h = (1.0, 0.8, 0.5)`` and view noise ``sigma = (0.3, 0.6, 1.0)`` for (text, audio,
+   vision): text shows the clusters best, vision worst. Because every view comes from the same
+   ``z``, a missing modality can be partly rebuilt from the present ones (not fully: its view
+   noise and private part are its own).
 3. **Cross-modal interactions.** Interaction latents ``q_text`` (2 values), ``q_audio`` and
    ``q_vision`` (1 each), standard normal, are part of their modality only. The label adds
    ``0.6 * q_text[0] * q_audio + 0.4 * q_text[1] * q_vision``: that part of the sentiment is
@@ -61,15 +66,17 @@ from sslmm_ray.data.sources import (
     validate_raw,
 )
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MIN_SPLIT_SIZE = 8
 
-N_CLUSTERS = 4
-SENTIMENT_CENTRES = np.array([-1.8, -0.6, 0.6, 1.8])
+N_CLUSTERS = 16
+SENTIMENT_CENTRES = np.linspace(-2.2, 2.2, N_CLUSTERS)  # handed to clusters by a seeded shuffle
 SENTIMENT_SPREAD = 0.5
 SHARED_DIM = 8
-CLUSTER_SEPARATION = 2.5
-SENTIMENT_GAIN = {"text": 1.0, "audio": 0.7, "vision": 0.35}
+CLUSTER_SEPARATION = 4.0
+LINEAR_SENTIMENT = 0.3  # weight of the direct (linear) sentiment coordinate in every view
+SENTIMENT_GAIN = {m: LINEAR_SENTIMENT * g for m, g in
+                  {"text": 1.0, "audio": 0.7, "vision": 0.35}.items()}
 CLUSTER_GAIN = {"text": 1.0, "audio": 0.8, "vision": 0.5}
 VIEW_NOISE = {"text": 0.3, "audio": 0.6, "vision": 1.0}
 INTERACTION_DIM = {"text": 2, "audio": 1, "vision": 1}
@@ -103,6 +110,7 @@ class _Model:
     """The generator's fixed parameters, shared by all splits of one seed."""
 
     cluster_means: np.ndarray  # (K, SHARED_DIM - 1)
+    cluster_sentiment: np.ndarray  # (K,) a shuffle of SENTIMENT_CENTRES
     projections: dict[str, np.ndarray]  # (D_m, d_m) float32
     feat_scale: dict[str, np.ndarray]  # (d_m,) float32
     feat_offset: dict[str, np.ndarray]  # (d_m,) float32
@@ -111,6 +119,7 @@ class _Model:
     def draw(p: Preset, rng: np.random.Generator) -> _Model:
         means = rng.standard_normal((N_CLUSTERS, SHARED_DIM - 1))
         means *= CLUSTER_SEPARATION / np.linalg.norm(means, axis=1, keepdims=True)
+        sentiment = rng.permutation(SENTIMENT_CENTRES)
         proj, scale, offset = {}, {}, {}
         for m in MODALITIES:
             d_lat = SHARED_DIM + INTERACTION_DIM[m] + PRIVATE_DIM
@@ -120,7 +129,7 @@ class _Model:
             proj[m] = w.astype(np.float32)
             scale[m] = np.exp(0.3 * rng.standard_normal(d)).astype(np.float32)
             offset[m] = (0.3 * rng.standard_normal(d)).astype(np.float32)
-        return _Model(means, proj, scale, offset)
+        return _Model(means, sentiment, proj, scale, offset)
 
 
 def _sample_latents(
@@ -128,7 +137,7 @@ def _sample_latents(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per-sample labels (on the [-3, 3] scale, unrounded) and modality latents ``(n, D_m)``."""
     cluster = rng.integers(0, N_CLUSTERS, n)
-    s = SENTIMENT_CENTRES[cluster] + SENTIMENT_SPREAD * rng.standard_normal(n)
+    s = model.cluster_sentiment[cluster] + SENTIMENT_SPREAD * rng.standard_normal(n)
     rest = model.cluster_means[cluster] + rng.standard_normal((n, SHARED_DIM - 1))
     latents: dict[str, np.ndarray] = {}
     q: dict[str, np.ndarray] = {}
