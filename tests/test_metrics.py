@@ -196,3 +196,21 @@ def test_names_family_headline_direction() -> None:
     assert not higher_is_better("MAE")
     with pytest.raises(ValueError, match="Loss"):
         higher_is_better("Loss")
+
+
+def test_bench_accuracy_summary_states_the_goal_in_points() -> None:
+    from sslmm_ray.bench.accuracy import summarize
+
+    def run(acc: float) -> dict[str, float]:
+        return {"Non0_acc_2": acc, "Non0_F1_score": acc, "MAE": 1.0, "Corr": 0.5}
+
+    out = summarize({
+        "sslmm": [run(0.70), run(0.74)],
+        "supervised_only": [run(0.68), run(0.70)],
+        "no_pseudo_labels": [run(0.71), run(0.71)],
+        "fully_labeled": [run(0.75), run(0.75)],
+    })
+    assert out["summary"]["sslmm"]["Non0_acc_2"] == pytest.approx({"mean": 0.72, "std": 0.02})
+    assert out["gain_vs_supervised_points"] == pytest.approx(3.0)
+    assert out["headroom_points"] == pytest.approx(6.0)
+    assert out["ablation_cost_points"] == pytest.approx({"no_pseudo_labels": 1.0})
