@@ -401,15 +401,17 @@ def predict(
 def demo(
     work_dir: Annotated[Path, typer.Option(help="Where the demo writes data and runs.")] = Path(
         "demo_runs"),
-    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.2,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 6,
+    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 12,
+    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs.")] = 15,
+    aligned: Annotated[bool, typer.Option(help="Word-aligned mosi shapes (faster).")] = True,
     workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
 ) -> None:
     """Synthetic data -> pre-training, SSLMM and supervised-only fine-tuning on Ray -> metrics."""
     from sslmm_ray.demo import run_demo
 
-    run_demo(work_dir=work_dir.resolve(), scale=scale, epochs=epochs, workers=workers,
-             console=out)
+    run_demo(work_dir=work_dir.resolve(), scale=scale, epochs=epochs,
+             pretrain_epochs=pretrain_epochs, aligned=aligned, workers=workers, console=out)
 
 
 # --------------------------------------------------------------------------- tune (issue 6)
