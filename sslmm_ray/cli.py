@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from sslmm_ray import config as config_mod
-from sslmm_ray.config import ConfigError, ExperimentConfig
+from sslmm_ray.config import ExperimentConfig
+from sslmm_ray.errors import UserError
 
 app = typer.Typer(
     help="SSLMM: semi-supervised multimodal sentiment analysis with missing modalities, on Ray.",
@@ -69,12 +70,9 @@ S3Endpoint = Annotated[
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from sslmm_ray.data.sources import DataError
-    from sslmm_ray.storage import StorageError
-    from sslmm_ray.train.checkpoint import CheckpointError
-
-    return (ConfigError, DataError, StorageError, CheckpointError, ValueError, FileNotFoundError)
+#: Shown as one line with exit status 2: input the user can fix. A plain ValueError is a bug and
+#: keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
 def main() -> None:
@@ -83,7 +81,7 @@ def main() -> None:
         app(standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except _user_errors() as err:
+    except USER_ERRORS as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
@@ -153,7 +151,7 @@ def data_synth(
     from sslmm_ray.storage import StorageOptions
 
     if scale <= 0:
-        raise ValueError(f"--scale must be > 0, got {scale}")
+        raise UserError(f"--scale must be > 0, got {scale}")
     options = StorageOptions.from_env(s3_endpoint)
     storage.check_reachable(out_uri, options)  # fail before spending time on generation
     raw = synth.generate(preset.value, scale=scale, aligned=aligned, seed=seed)
@@ -348,7 +346,7 @@ def evaluate(
     proto = protocol.value if protocol else None
     if curve:
         if missing_rate is not None:
-            raise ValueError("--curve evaluates every missing rate; drop --missing-rate")
+            raise UserError("--curve evaluates every missing rate; drop --missing-rate")
         target = curve_out or str(Path("curve").resolve())
         result = robustness_curve(checkpoint, data, target, options, split=split,
                                   protocol=proto, seed=seed)
@@ -421,7 +419,7 @@ def _float_list(text: str, flag: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+        raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 @app.command()

@@ -17,6 +17,8 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from sslmm_ray.errors import UserError
+
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -29,7 +31,7 @@ Protocol = Literal["modality", "frame"]
 MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value or key is wrong; the message names the key."""
 
 

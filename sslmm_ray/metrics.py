@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from sslmm_ray.errors import UserError
+
 __all__ = [
     "METRIC_NAMES",
     "compute_metrics",
@@ -81,7 +83,7 @@ def dataset_family(dataset: str) -> str:
         if token.startswith(fam)
     }
     if len(found) != 1:
-        raise ValueError(
+        raise UserError(
             f"cannot tell the metric family of dataset {dataset!r}: "
             f"expected a name containing one of {sorted(METRIC_NAMES)}"
         )
@@ -97,7 +99,7 @@ def higher_is_better(name: str) -> bool:
     """Direction of a metric, for model selection and Tune's ``mode`` (MAE is the only loss)."""
     known = set().union(*METRIC_NAMES.values())
     if name not in known:
-        raise ValueError(f"unknown metric {name!r}; known: {sorted(known)}")
+        raise UserError(f"unknown metric {name!r}; known: {sorted(known)}")
     return name not in _LOWER_IS_BETTER
 
 

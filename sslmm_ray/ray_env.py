@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import ray
 
+from sslmm_ray.errors import UserError
+
 log = logging.getLogger(__name__)
 
 #: Logical CPUs per physical core on a local cluster (see module docstring).
@@ -91,14 +93,14 @@ def check_fits(
         return
     need_cpu = workers * cpus_per_worker + DATA_HEADROOM_CPUS
     if need_cpu > info.cpus + 1e-9:
-        raise ValueError(
+        raise UserError(
             f"{what} needs {need_cpu:g} logical CPUs ({workers} workers x {cpus_per_worker:g} "
             f"CPU + {DATA_HEADROOM_CPUS:g} for Ray Data) but the cluster has {info.cpus:g}; "
             "use fewer workers, a smaller --cpus-per-worker, or a bigger cluster "
             "(SSLMM_AUTOSCALING=1 if it autoscales)"
         )
     if use_gpu and workers > info.gpus:
-        raise ValueError(
+        raise UserError(
             f"{what} needs {workers} GPUs but the cluster has {info.gpus:g}; "
             "drop --gpus or use fewer workers"
         )

@@ -44,6 +44,8 @@ from tenacity import (
     wait_exponential,
 )
 
+from sslmm_ray.errors import UserError
+
 __all__ = [
     "StorageError",
     "StorageOptions",
@@ -75,7 +77,7 @@ _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
 _LOCAL_SCHEMES = ("", "file")
 
 
-class StorageError(ValueError, OSError):
+class StorageError(UserError, OSError):
     """A bad storage URI or setting (a ValueError) or a failed remote operation (an OSError)."""
 
 

@@ -39,6 +39,7 @@ from sslmm_ray.data.sources import (
     SplitArrays,
     validate_raw,
 )
+from sslmm_ray.errors import UserError
 
 Dataset = Literal["mosi", "mosei", "sims"]
 MMSA_DATASETS: tuple[str, ...] = ("mosi", "mosei", "sims")
@@ -86,7 +87,7 @@ def from_mmsa_dict(data: Any, dataset: Dataset, *, aligned: bool | None = None) 
 
 def _preset(dataset: str) -> Preset:
     if dataset not in MMSA_DATASETS:
-        raise ValueError(f"unknown MMSA data set {dataset!r}, expected one of {MMSA_DATASETS}")
+        raise UserError(f"unknown MMSA data set {dataset!r}, expected one of {MMSA_DATASETS}")
     return PRESETS[dataset]
 
 

@@ -27,6 +27,7 @@ from ray.data import DataContext, FileShuffleConfig
 from sslmm_ray import storage
 from sslmm_ray.config import ExperimentConfig, FinetuneConfig
 from sslmm_ray.data import protocols
+from sslmm_ray.data.sources import DataError
 from sslmm_ray.data.store import Manifest, ModalitySpec, decode_table, iter_split_tables
 from sslmm_ray.storage import StorageOptions
 
@@ -68,7 +69,7 @@ def split_dataset(
     """One split as a Ray Dataset of model batches (docs/CONTRACTS.md)."""
     uris = manifest.shard_uris(split)
     if not uris:
-        raise ValueError(f"{manifest.uri}: split '{split}' has no shards")
+        raise DataError(f"{manifest.uri}: split '{split}' has no shards")
     fs, _ = storage.resolve(manifest.uri, options)
     paths = [storage.resolve(u, options)[1] for u in uris]
     shuffle = None

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sslmm_ray.config import MODALITIES
+from sslmm_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def uniforms(seed: int, keys: np.ndarray, stream: int, width: int = 1) -> np.nda
 def labeled_mask(ids: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
     """Which training rows keep their label: ``round(ratio * n)`` per sentiment-sign stratum."""
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"label ratio must be in (0, 1], got {ratio}")
+        raise UserError(f"label ratio must be in (0, 1], got {ratio}")
     keys = sample_keys(ids)
     u = uniforms(seed, keys, _STREAM_LABEL)[:, 0]
     signs = np.sign(np.asarray(labels, np.float64))
@@ -154,9 +155,9 @@ class ProtocolSpec:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.missing_rate < 1.0:
-            raise ValueError(f"missing rate must be in [0, 1), got {self.missing_rate}")
+            raise UserError(f"missing rate must be in [0, 1), got {self.missing_rate}")
         if self.protocol not in ("modality", "frame"):
-            raise ValueError(f"protocol must be 'modality' or 'frame', got {self.protocol!r}")
+            raise UserError(f"protocol must be 'modality' or 'frame', got {self.protocol!r}")
         if self.labeled_keys is not None:
             keys = np.unique(np.asarray(self.labeled_keys, dtype=np.uint64).reshape(-1))
             object.__setattr__(self, "labeled_keys", keys)

@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from sslmm_ray.config import MODALITIES
+from sslmm_ray.errors import UserError
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 LENGTH_KEYS: dict[str, str] = {m: f"{m}_len" for m in MODALITIES}
@@ -24,7 +25,7 @@ SPLIT_KEYS: tuple[str, ...] = ("id", "label", *MODALITIES, *LENGTH_KEYS.values()
 _CHUNK = 256
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input data is malformed; the message names the split, the key and the sample id."""
 
 

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from sslmm_ray import storage
 from sslmm_ray.config import MODALITIES
 from sslmm_ray.data.sources import SPLITS, DataError, RawDataset, validate_raw
+from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageError, StorageOptions
 
 log = logging.getLogger(__name__)
@@ -232,9 +233,9 @@ def write_dataset(
     deletes the previous generation's shards after the new manifest is published.
     """
     if shard_rows < 1:
-        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        raise UserError(f"shard_rows must be >= 1, got {shard_rows}")
     if compression.lower() not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        raise UserError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     validate_raw(raw, deep=deep_check)
     storage.check_reachable(uri, options)
     previous = _previous_manifest(uri, options)

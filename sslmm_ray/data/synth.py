@@ -65,6 +65,7 @@ from sslmm_ray.data.sources import (
     SplitArrays,
     validate_raw,
 )
+from sslmm_ray.errors import UserError
 
 GENERATOR_VERSION = 2
 MIN_SPLIT_SIZE = 8
@@ -94,7 +95,7 @@ def split_sizes(preset: str, scale: float) -> dict[str, int]:
     """Real split sizes times ``scale``, at least :data:`MIN_SPLIT_SIZE` each."""
     p = _preset(preset)
     if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+        raise UserError(f"scale must be > 0, got {scale}")
     return {s: max(MIN_SPLIT_SIZE, round(n * scale)) for s, n in p.split_sizes.items()}
 
 
@@ -102,7 +103,7 @@ def _preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}, expected one of {sorted(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}, expected one of {sorted(PRESETS)}") from None
 
 
 @dataclass(frozen=True)

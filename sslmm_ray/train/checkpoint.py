@@ -19,6 +19,7 @@ import torch
 
 from sslmm_ray import storage
 from sslmm_ray.config import ModelConfig
+from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 
 FORMAT_VERSION = 1
@@ -27,7 +28,7 @@ META = "meta.json"
 BEST = "best.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, or does not fit what it is loaded into."""
 
 

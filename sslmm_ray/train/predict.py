@@ -18,6 +18,7 @@ import torch
 from sslmm_ray import storage
 from sslmm_ray.config import MODALITIES
 from sslmm_ray.data import protocols, store
+from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
 
@@ -74,9 +75,9 @@ def predict(
     ckpt.check_compatible(meta, manifest.dims, manifest.lengths, checkpoint_uri, data_uri)
     unknown = [s for s in splits if s not in manifest.counts]
     if unknown:
-        raise ValueError(f"{data_uri} has no split(s) {unknown}; it has {list(manifest.counts)}")
+        raise UserError(f"{data_uri} has no split(s) {unknown}; it has {list(manifest.counts)}")
     if storage.exists(storage.join(out_uri, SUCCESS), options):
-        raise ValueError(f"{out_uri} already holds predictions; choose a new --out")
+        raise UserError(f"{out_uri} already holds predictions; choose a new --out")
     spec = protocols.ProtocolSpec(missing_rate=missing_rate, protocol=protocol, seed=seed)
     fs, _ = storage.resolve(data_uri, options)
     paths = [storage.resolve(u, options)[1] for s in splits for u in manifest.shard_uris(s)]

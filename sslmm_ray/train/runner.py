@@ -20,6 +20,7 @@ from sslmm_ray import config as config_mod
 from sslmm_ray import ray_env, storage
 from sslmm_ray.config import ExperimentConfig, ModelConfig, from_dict
 from sslmm_ray.data import pipeline, store
+from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
 from sslmm_ray.train import progress
@@ -43,7 +44,7 @@ def _split_run_dir(run_dir: str) -> tuple[str, str]:
     run_dir = run_dir.rstrip("/")
     parent, _, name = run_dir.rpartition("/")
     if not name or not parent:
-        raise ValueError(f"run directory '{run_dir}' needs a parent folder and a name")
+        raise UserError(f"run directory '{run_dir}' needs a parent folder and a name")
     return parent, name
 
 

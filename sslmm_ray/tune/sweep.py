@@ -28,6 +28,7 @@ from sslmm_ray import metrics as mmsa
 from sslmm_ray import ray_env, storage
 from sslmm_ray.config import ExperimentConfig, from_dict
 from sslmm_ray.data import store
+from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
 from sslmm_ray.train.evaluate import evaluate_checkpoint
@@ -102,7 +103,7 @@ def _check_same_sweep(cfg: ExperimentConfig, layout: Layout, options: StorageOpt
         if (section, key) not in _MAY_CHANGE and saved.get(section, {}).get(key) != value
     ]
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"{layout.root} already holds a sweep with other settings ({'; '.join(diffs)}); "
             "re-run with the same settings to resume it, or use a new --storage"
         )
