@@ -58,7 +58,11 @@ def init(num_cpus: int | None = None, *, quiet: bool = True) -> ClusterInfo:
         if local:
             cores = os.cpu_count() or 1
             kwargs["num_cpus"] = num_cpus or max(4, cores * LOCAL_CPU_OVERSUBSCRIPTION)
-            kwargs["include_dashboard"] = False
+            # The dashboard hosts the State API, which Train V2's placement-group cleaner polls:
+            # without it a trial that ASHA stops leaves its workers' placement group (and CPUs)
+            # reserved until Ray shuts down (tests/test_tune.py). It also gives a local sweep
+            # the same dashboard as a cluster; Ray moves to the next free port if 8265 is taken.
+            kwargs["include_dashboard"] = True
             ray.init(address="local", **kwargs)  # never attach to a stray `ray start`
         else:
             ray.init(address=address, **kwargs)

@@ -250,3 +250,42 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_cluster, tin
     tune_trials = _tune_trials(cell_dir)
     assert set(ids) <= set(tune_trials)
     assert not math.isnan(result["best"]["test"]["MAE"])
+
+
+def test_asha_stops_weak_trials_early_and_frees_their_workers(ray_cluster, tiny_data, tmp_path):
+    """ASHA over epochs: some trial ends before the last epoch (its Train run unfinished, no
+    best.json), the cell still publishes a tested best, and every CPU comes back."""
+    import ray
+
+    total = ray.cluster_resources()["CPU"]
+    printed = invoke(
+        "tune", "--data", tiny_data, "--storage", str(tmp_path / "asha"), "--label-ratios",
+        "0.5", "--missing-rates", "0.5", "--concurrency", "1", "--asha", *TINY,
+        "--epochs", "4", "--samples", "4", "--json",
+    )
+    (cell,) = printed["cells"]
+    result = json.loads((tmp_path / "asha" / "results" / f"{cell['cell']}.json").read_text())
+    trials = result["trials"]
+    assert len(trials) == 4
+    stopped = [t for t in trials if t["epochs"] < 4]
+    assert stopped, [(t["trial_id"], t["epochs"]) for t in trials]
+    cell_dir = tmp_path / "asha" / cell["cell"]
+    for t in stopped:
+        assert not t["finished"] and t["epochs"] >= 1  # grace period: at least one epoch
+        assert not (Path(t["run_dir"]) / "best.json").exists()
+        # the record holds exactly the epochs Tune saw before it stopped the trial
+        seen = [json.loads(line) for line in
+                (cell_dir / f"trial_{t['trial_id']}" / "result.json").read_text().splitlines()]
+        assert t["epochs"] == seen[-1]["epochs_done"] == len(seen)
+        assert t["best_valid"] == max(r["valid_Non0_acc_2"] for r in seen)
+    assert any(t["finished"] and t["epochs"] == 4 for t in trials)
+    assert not math.isnan(result["best"]["test"]["MAE"])
+
+    # A stopped trial's Train controller and workers are gone, not holding CPUs.
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(1)
+    from ray._private import state
+
+    alive = [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
+    assert ray.available_resources().get("CPU", 0) == total, alive

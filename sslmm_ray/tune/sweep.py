@@ -224,7 +224,9 @@ def run_cell(
         errors = "; ".join(str(r.error) for r in grid if r.error)[:2000]
         raise RuntimeError(f"cell {cell.name}: no trial reported {metric} ({errors})")
     best = max(scored, key=lambda t: t["best_valid"])
-    best_ckpt, best_metrics = best_checkpoint(best["run_dir"], metric, options)
+    best_ckpt, best_metrics = best_checkpoint(
+        best["run_dir"], metric, options, epochs=None if best["finished"] else best["epochs"]
+    )
     test = evaluate_checkpoint(best_ckpt, cfg.data.uri, options, split="test")
     result = {
         "cell": cell.name,
@@ -256,12 +258,19 @@ def _strip(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
 def _trial_record(
     result: Any, runs_uri: str, metric: str, options: StorageOptions
 ) -> dict[str, Any] | None:
-    """One trial as recorded by its own Train run (history.json), not Tune's copy."""
+    """One trial as recorded by its own Train run (history.json), not Tune's copy.
+
+    Only the epochs Tune saw count: a trial that ASHA stops keeps training until its actor is
+    killed, and what it logs after the decision depends on timing, not on the seed.
+    """
     trial_id = (result.metrics or {}).get("trial_id")
     if trial_id is None:
         return None
     run_dir = trial.run_dir_of(runs_uri, trial_id)
     history = RunLog.read(run_dir, options)
+    seen = (result.metrics or {}).get(trial.EPOCHS_DONE)
+    if seen is not None:
+        history = history[: int(seen)]
     values = [h[metric] for h in history if metric in h and not math.isnan(h[metric])]
     return {
         "trial_id": trial_id,
@@ -280,17 +289,21 @@ def _time_of(result: Any) -> float:
     return float((result.metrics or {}).get("time_total_s") or 0.0)
 
 
-def best_checkpoint(run_dir: str, metric: str, options: StorageOptions) -> tuple[str, dict]:
+def best_checkpoint(
+    run_dir: str, metric: str, options: StorageOptions, *, epochs: int | None = None
+) -> tuple[str, dict]:
     """The run's best checkpoint: ``best.json`` when the run finished, else the best kept one
-    (a trial stopped by ASHA never writes ``best.json``)."""
+    among its first ``epochs`` (a trial stopped by ASHA never writes ``best.json``)."""
     best_file = storage.join(run_dir, ckpt.BEST)
-    if storage.exists(best_file, options):
+    if epochs is None and storage.exists(best_file, options):
         best = storage.read_json(best_file, options)
         return best["checkpoint"], best["metrics"]
     candidates = []
     for meta_uri in storage.list_files(run_dir, options, suffix="/" + ckpt.META):
         meta = storage.read_json(meta_uri, options)
         value = meta.get("metrics", {}).get(metric)
+        if epochs is not None and int(meta.get("epoch", 0)) >= epochs:
+            continue
         if value is not None:
             candidates.append((value, meta_uri.rpartition("/")[0], meta["metrics"]))
     if not candidates:
