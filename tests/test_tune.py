@@ -253,8 +253,8 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_cluster, tin
 
 
 def test_asha_stops_weak_trials_early_and_frees_their_workers(ray_cluster, tiny_data, tmp_path):
-    """ASHA over epochs: some trial ends before the last epoch (its Train run unfinished, no
-    best.json), the cell still publishes a tested best, and every CPU comes back."""
+    """ASHA over epochs: some trial ends before the last epoch and is recorded with the epochs
+    Tune saw, the cell still publishes a tested best, and every CPU comes back."""
     import ray
 
     total = ray.cluster_resources()["CPU"]
@@ -271,8 +271,7 @@ def test_asha_stops_weak_trials_early_and_frees_their_workers(ray_cluster, tiny_
     assert stopped, [(t["trial_id"], t["epochs"]) for t in trials]
     cell_dir = tmp_path / "asha" / cell["cell"]
     for t in stopped:
-        assert not t["finished"] and t["epochs"] >= 1  # grace period: at least one epoch
-        assert not (Path(t["run_dir"]) / "best.json").exists()
+        assert t["epochs"] >= 1  # grace period: at least one epoch
         # the record holds exactly the epochs Tune saw before it stopped the trial
         seen = [json.loads(line) for line in
                 (cell_dir / f"trial_{t['trial_id']}" / "result.json").read_text().splitlines()]
@@ -289,3 +288,26 @@ def test_asha_stops_weak_trials_early_and_frees_their_workers(ray_cluster, tiny_
 
     alive = [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
     assert ray.available_resources().get("CPU", 0) == total, alive
+
+
+def test_best_checkpoint_of_a_stopped_trial_uses_the_epochs_tune_saw(tmp_path):
+    from sslmm_ray.storage import StorageOptions
+    from sslmm_ray.tune.sweep import best_checkpoint
+
+    run_dir = tmp_path / "run"
+    for epoch, value in [(0, 0.4), (1, 0.7), (2, 0.6)]:
+        folder = run_dir / f"checkpoint_{epoch}"
+        folder.mkdir(parents=True)
+        metrics = {"valid_Non0_acc_2": value, "epoch": float(epoch)}
+        (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "metrics": metrics}))
+    (run_dir / "best.json").write_text(json.dumps({"checkpoint": "elsewhere", "metrics": {}}))
+    opts = StorageOptions.from_env(None)
+    metric = "valid_Non0_acc_2"
+
+    uri, metrics = best_checkpoint(str(run_dir), metric, opts, epochs=1)
+    assert uri.endswith("checkpoint_0") and metrics[metric] == 0.4  # not the later 0.7
+    assert best_checkpoint(str(run_dir), metric, opts, epochs=3)[0].endswith("checkpoint_1")
+    assert best_checkpoint(str(run_dir), metric, opts)[0] == "elsewhere"  # finished: best.json
+    # every checkpoint Tune saw was dropped by retention: the best kept one
+    (run_dir / "checkpoint_0" / "meta.json").unlink()
+    assert best_checkpoint(str(run_dir), metric, opts, epochs=1)[0].endswith("checkpoint_1")

@@ -298,17 +298,19 @@ def best_checkpoint(
     if epochs is None and storage.exists(best_file, options):
         best = storage.read_json(best_file, options)
         return best["checkpoint"], best["metrics"]
-    candidates = []
+    kept = []  # (epoch, value, checkpoint uri, metrics)
     for meta_uri in storage.list_files(run_dir, options, suffix="/" + ckpt.META):
         meta = storage.read_json(meta_uri, options)
         value = meta.get("metrics", {}).get(metric)
-        if epochs is not None and int(meta.get("epoch", 0)) >= epochs:
-            continue
         if value is not None:
-            candidates.append((value, meta_uri.rpartition("/")[0], meta["metrics"]))
-    if not candidates:
+            kept.append((int(meta.get("epoch", 0)), value, meta_uri.rpartition("/")[0],
+                         meta["metrics"]))
+    if not kept:
         raise ckpt.CheckpointError(f"{run_dir}: no checkpoint reports {metric}")
-    _, uri, metrics = max(candidates, key=lambda c: c[0])
+    # Retention may have dropped every checkpoint Tune saw (the run kept training after ASHA's
+    # decision): then the best kept one is all there is.
+    candidates = [k for k in kept if epochs is None or k[0] < epochs] or kept
+    _, _, uri, metrics = max(candidates, key=lambda c: c[1])
     return uri, metrics
 
 
