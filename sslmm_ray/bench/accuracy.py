@@ -23,10 +23,12 @@ from sslmm_ray.data import store, synth
 
 METRICS = ("Non0_acc_2", "Non0_F1_score", "MAE", "Corr")
 
+SUPERVISED = ["finetune.pseudo_labels=false", "finetune.reconstruction=false"]
+
 #: name -> (use pre-training, config overrides)
 VARIANTS: dict[str, tuple[bool, list[str]]] = {
     "sslmm": (True, []),
-    "supervised_only": (False, ["finetune.pseudo_labels=false", "finetune.reconstruction=false"]),
+    "supervised_only": (False, SUPERVISED),
     "no_pretraining": (False, []),
     "no_pseudo_labels": (True, ["finetune.pseudo_labels=false"]),
     "no_reconstruction": (True, ["finetune.reconstruction=false"]),
@@ -35,8 +37,7 @@ VARIANTS: dict[str, tuple[bool, list[str]]] = {
     "early_fusion": (False, ["model.fusion=early"]),
     # Not a variant of the method: the supervised model given every training label. It bounds
     # what unlabeled data can add at this data size (the semi-supervised headroom).
-    "fully_labeled": (False, ["finetune.pseudo_labels=false", "finetune.reconstruction=false",
-                              "finetune.label_ratio=1.0"]),
+    "fully_labeled": (False, [*SUPERVISED, "finetune.label_ratio=1.0"]),
 }
 
 
