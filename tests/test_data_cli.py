@@ -104,7 +104,7 @@ class _RunsCode:
     [
         ({"payload": "RUNS_CODE"}, r"(posix|os)\.system"),
         ({"drop_key": ("valid", "audio")}, "audio"),
-        ({"wrong_dim": ("train", "vision", 21)}, "21"),
+        ({"wrong_dim": ("train", "vision", 21)}, "feature dim 20, expected 21"),
         ({"bad_label": ("test", 1, 4.5)}, "4.5"),
     ],
     ids=["code-payload", "missing-key", "wrong-dim", "label-out-of-range"],

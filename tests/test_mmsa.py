@@ -138,13 +138,13 @@ def test_file_uri_and_missing_file(tmp_path: Path) -> None:
             "mosi",
             False,
             {"wrong_dim": ("train", "audio", 74)},
-            r"'train' key 'audio': feature dim 74, expected 5",
+            r"'valid': key 'audio' has feature dim 5, expected 74",
         ),
         (
             "mosei",
             True,
             {"wrong_dim": ("test", "vision", 20)},
-            r"'test' key 'vision': feature dim 20, expected 35",
+            r"'test': key 'vision' has feature dim 20, expected 35",
         ),
         (
             "sims",
@@ -195,3 +195,27 @@ def test_numpy1_pickles_resolve_to_running_numpy() -> None:
     back = safe_pickle.loads(old)
     np.testing.assert_array_equal(back["a"], np.ones((2, 2), np.float32))
     assert back["s"] == 2
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_any_feature_set_dims_and_lengths_come_from_the_file(tmp_path: Path, aligned: bool) -> None:
+    """MMSA-FET / wav2vec / OpenFace features: no preset pins the dims or the frame counts."""
+    from sslmm_ray.bench import digits
+
+    data = digits.build(seed=0)
+    if aligned:  # every modality on the text's 8 frames
+        for split in data.values():
+            split["audio"] = np.repeat(split["audio"], 8, axis=1)
+            split["vision"] = split["vision"][:, :8, :]
+            del split["audio_lengths"], split["vision_lengths"]
+    path = tmp_path / "custom.pkl"
+    with path.open("wb") as f:
+        pickle.dump(data, f)
+    raw = load_pickle(path, "mosi")
+    assert raw.stats["aligned"] is aligned
+    assert raw.dims() == {"text": 8, "audio": 64, "vision": 9}
+    assert raw.max_lengths() == (
+        {"text": 8, "audio": 8, "vision": 8} if aligned else {"text": 8, "audio": 1, "vision": 16}
+    )
+    assert raw.label_range == (-3.0, 3.0)  # the data set name sets the range only
+    assert raw.counts() == {s: len(data[s]["id"]) for s in data}

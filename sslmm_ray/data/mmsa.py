@@ -15,8 +15,12 @@ Decisions, each counted in ``RawDataset.stats`` so an import is auditable:
 - -inf, +inf and NaN (MOSI's audio holds -inf) become 0 (``nonfinite_replaced``).
 - Frames at or beyond a length are set to 0 (``padding_values_zeroed`` counts the values that
   were not already 0), so that the contract's zero padding holds.
-- A label outside the data set's range, a missing key, a wrong feature dimension or a row count
-  that differs from ``id`` is a :class:`DataError` naming the split, key or sample id.
+- Feature dims and padded lengths come from the file (MMSA-FET, wav2vec, OpenFace, ... give any
+  shape); the data set name sets only the label range and the metric family. The splits must
+  agree with each other.
+- A label outside the data set's range, a missing key, feature dims or lengths that differ
+  between splits, or a row count that differs from ``id`` is a :class:`DataError` naming the
+  split, key or sample id.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def from_mmsa_dict(data: Any, dataset: Dataset, *, aligned: bool | None = None) 
     }
     splits = {s: _convert_split(s, data[s], preset, aligned, stats) for s in SPLITS}
     raw = RawDataset(name=dataset, label_range=preset.label_range, splits=splits, stats=stats)
-    validate_raw(raw, dims=preset.dims)
+    validate_raw(raw)  # dims and lengths are the file's own: every split must agree
     return raw
 
 
@@ -119,12 +123,10 @@ def _array(split: str, d: Mapping[str, Any], key: str, ndim: int, n: int | None)
     return a
 
 
-def _features(split: str, d: Mapping[str, Any], m: str, n: int, dim: int) -> np.ndarray:
+def _features(split: str, d: Mapping[str, Any], m: str, n: int) -> np.ndarray:
     a = _array(split, d, m, 3, n)
-    if a.shape[2] != dim:
-        raise _fail(split, m, f"feature dim {a.shape[2]}, expected {dim} (shape {a.shape})")
-    if a.shape[1] < 1:
-        raise _fail(split, m, f"no frames (shape {a.shape})")
+    if a.shape[1] < 1 or a.shape[2] < 1:
+        raise _fail(split, m, f"no frames or no features (shape {a.shape})")
     if a.dtype.kind not in "fiub":
         raise _fail(split, m, f"dtype {a.dtype} is not numeric")
     a = np.asarray(a, dtype=np.float32)
@@ -189,7 +191,7 @@ def _convert_split(
     if n == 0:
         raise _fail(split, "id", "no samples")
     out: dict[str, np.ndarray] = {"id": ids, "label": _labels(split, d, ids, preset)}
-    feats = {m: _features(split, d, m, n, preset.dims[m]) for m in MODALITIES}
+    feats = {m: _features(split, d, m, n) for m in MODALITIES}
     bert = _array(split, d, "text_bert", 3, n)
     t_text = feats["text"].shape[1]
     if bert.shape[1] < 2 or bert.shape[2] != t_text:
