@@ -430,7 +430,8 @@ def tune(
     label_ratios: Annotated[str | None, typer.Option(
         help="Comma-separated label ratios, e.g. 0.1,0.3,0.5,0.7.")] = None,
     missing_rates: Annotated[str | None, typer.Option(
-        help="Comma-separated missing rates, e.g. 0.0,0.3,0.5,0.7.")] = None,
+        help="Comma-separated missing rates, e.g. 0.0,0.3,0.5,0.6 (modality-level: <= 2/3).")
+    ] = None,
     protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
     samples: Annotated[int | None, typer.Option(help="Trials per cell.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Trials running at once.")] = None,

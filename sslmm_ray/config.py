@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from sslmm_ray.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration value or key is wrong; the message names the key."""
+
 
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -29,10 +34,19 @@ LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
 
 Protocol = Literal["modality", "frame"]
 MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
+#: Modality-level missingness keeps at least one of three modalities per sample, so at most 2/3
+#: of the (sample, modality) pairs can be missing; frame-level missingness reaches any rate < 1.
+MAX_MODALITY_RATE = 2.0 / 3.0
 
 
-class ConfigError(UserError):
-    """A configuration value or key is wrong; the message names the key."""
+def check_reachable(rate: float, protocol: str, where: str) -> None:
+    """Refuse a missing rate the protocol cannot apply (never cap it silently)."""
+    if protocol == "modality" and rate > MAX_MODALITY_RATE + 1e-9:
+        raise ConfigError(
+            f"{where}: missing rate {rate:g} is not reachable with the modality-level protocol "
+            f"(at least one modality is kept per sample, so at most {MAX_MODALITY_RATE:.4f} "
+            "can be missing); use a rate <= 0.6667 or protocol 'frame'"
+        )
 
 
 @dataclass(config=_STRICT)
@@ -43,6 +57,10 @@ class DataConfig:
     s3_endpoint: str | None = None
     shuffle_buffer: Annotated[int, Field(ge=0)] = 256
     read_parallelism: Annotated[int, Field(ge=-1)] = -1
+    # Validation labels kept, as a fraction of the validation split (seeded, stratified like
+    # training labels). None: the fine-tuning label ratio, so that a 10%-labeled experiment
+    # does not select its checkpoint on a fully labeled validation set it would not have.
+    valid_label_ratio: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     # Decode a split once into Ray's object store when it is at most this large (0: stream
     # from storage every epoch). Decoding costs a core per ~1,300 mosi rows/s; epochs 2+ of a
     # cached split cost none.
@@ -96,6 +114,11 @@ class PretrainConfig(TrainingConfig):
     missing_rate: OpenProb = 0.0
     protocol: Protocol = "modality"
 
+    @model_validator(mode="after")
+    def _reachable(self) -> PretrainConfig:
+        check_reachable(self.missing_rate, self.protocol, "pretrain.missing_rate")
+        return self
+
 
 @dataclass(config=_STRICT)
 class FinetuneConfig(TrainingConfig):
@@ -118,6 +141,15 @@ class FinetuneConfig(TrainingConfig):
     pseudo_labels: bool = True
     reconstruction: bool = True
     pretrained: str | None = None
+    # Validation metric that picks the checkpoint (and scores Optuna trials): MAE uses every
+    # labeled validation row's error, where a binary accuracy on a small split moves in steps
+    # of one sample. "headline" is Non0_acc_2 (MOSI, MOSEI) or Mult_acc_2 (SIMS).
+    selection: Literal["MAE", "Corr", "headline"] = "MAE"
+
+    @model_validator(mode="after")
+    def _reachable(self) -> FinetuneConfig:
+        check_reachable(self.missing_rate, self.protocol, "finetune.missing_rate")
+        return self
 
 
 @dataclass(config=_STRICT)
@@ -127,8 +159,9 @@ class TuneConfig:
     label_ratios: list[Annotated[float, Field(gt=0.0, le=1.0)]] = dataclasses.field(
         default_factory=lambda: [0.1, 0.3, 0.5, 0.7]
     )
+    # Reachable under both protocols (modality-level tops out at 2/3).
     missing_rates: list[OpenProb] = dataclasses.field(
-        default_factory=lambda: [0.0, 0.3, 0.5, 0.7]
+        default_factory=lambda: [0.0, 0.3, 0.5, 0.6]
     )
     samples: PosInt = 8
     concurrency: PosInt = 1
@@ -144,6 +177,12 @@ class ExperimentConfig:
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _grid_reachable(self) -> ExperimentConfig:
+        for rate in self.tune.missing_rates:
+            check_reachable(rate, self.finetune.protocol, "tune.missing_rates")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

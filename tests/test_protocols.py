@@ -8,6 +8,7 @@ import pytest
 from sslmm_ray.data import protocols, synth
 from sslmm_ray.data.protocols import ProtocolSpec
 from sslmm_ray.data.sources import MODALITIES
+from sslmm_ray.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +86,32 @@ def test_modality_rate_met_and_one_kept(split, rate: float) -> None:
     assert abs((~present).mean() - rate) <= tol, ((~present).mean(), rate)
 
 
-def test_modality_rate_above_cap_keeps_exactly_one(split, caplog) -> None:
-    batch = protocols.apply(split, ProtocolSpec(0.9, "modality", seed=2))
+def test_modality_rate_above_reach_is_refused_with_the_maximum_named(split) -> None:
+    with pytest.raises(UserError, match=r"0\.9 is not reachable.*at most 0\.6667"):
+        ProtocolSpec(0.9, "modality", seed=2)
+    batch = protocols.apply(split, ProtocolSpec(2 / 3, "modality", seed=2))  # the maximum
     assert (_present(batch).sum(axis=1) == 1).all()
-    assert "2/3" in caplog.text
+    frame = ProtocolSpec(0.9, "frame", seed=2)  # frame level reaches it
+    assert frame.missing_rate == 0.9
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["finetune.missing_rate=0.7"],
+        ["pretrain.missing_rate=0.8"],
+        ["tune.missing_rates=[0.5,0.7]"],
+    ],
+)
+def test_config_refuses_unreachable_rates(overrides) -> None:
+    from sslmm_ray import config as config_mod
+
+    with pytest.raises(config_mod.ConfigError, match="not reachable"):
+        config_mod.load(overrides=overrides)
+    frame_level = ["finetune.protocol=frame", "pretrain.protocol=frame"]
+    frame = config_mod.load(overrides=[*overrides, *frame_level])
+    assert frame is not None
+    assert max(config_mod.load().tune.missing_rates) <= config_mod.MAX_MODALITY_RATE
 
 
 def test_calibration_solves_the_rate_equation() -> None:

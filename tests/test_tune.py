@@ -96,11 +96,11 @@ def test_search_space_and_seeded_searcher():
 
 def test_trial_config_takes_cell_and_sampled_values_exactly():
     base = config_mod.load(overrides=["finetune.pretrained=s3://b/pre_mr{missing_rate}"])
-    values = {"label_ratio": 0.3, "missing_rate": 0.7, "tau": 0.61234567,
+    values = {"label_ratio": 0.3, "missing_rate": 0.6, "tau": 0.61234567,
               "lambda_rec": 0.00123, "lr": 0.000234, "unlabeled_weight": 1.5}
     ft = space.trial_config(base.to_dict(), values).finetune
     assert {k: getattr(ft, k) for k in values} == values
-    assert ft.pretrained == "s3://b/pre_mr0.7"
+    assert ft.pretrained == "s3://b/pre_mr0.6"
     assert base.finetune.tau == 0.8  # the base config is not modified
 
 

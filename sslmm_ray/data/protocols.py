@@ -9,8 +9,8 @@
     sample. Drawing each with probability ``r`` and then restoring one of the all-missing samples
     would miss fewer than ``r`` of the modalities, so the per-draw probability ``q`` is calibrated
     to ``q - q**3 / 3 = r``: the fraction of missing (sample, modality) pairs is then ``r``. With
-    three modalities and one kept, at most 2/3 can be missing; a larger ``r`` leaves exactly one
-    modality per sample (a warning says so).
+    three modalities and one kept, at most 2/3 can be missing; a larger ``r`` is refused (a
+    capped rate would label results with a rate that was never applied).
   - ``frame``: each valid frame of each modality is missing with probability ``r``; a sample
     left with no frame at all keeps its frame with the largest draw.
 
@@ -23,18 +23,14 @@ model sees it, and the model gets the observed-frame masks.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from sslmm_ray.config import MODALITIES
+from sslmm_ray.config import MAX_MODALITY_RATE, MODALITIES, check_reachable
 from sslmm_ray.errors import UserError
 
-log = logging.getLogger(__name__)
-
-MAX_MODALITY_RATE = 2.0 / 3.0
 _U64 = np.uint64
 _STREAM_LABEL = 1
 _STREAM_MODALITY = 2
@@ -161,12 +157,7 @@ class ProtocolSpec:
         if self.labeled_keys is not None:
             keys = np.unique(np.asarray(self.labeled_keys, dtype=np.uint64).reshape(-1))
             object.__setattr__(self, "labeled_keys", keys)
-        if self.protocol == "modality" and self.missing_rate > MAX_MODALITY_RATE:
-            log.warning(
-                "modality-level missing rate %.2f > 2/3: every sample keeps exactly one "
-                "modality (effective rate 2/3)",
-                self.missing_rate,
-            )
+        check_reachable(self.missing_rate, self.protocol, "missing rate")
 
 
 def observed_masks(

@@ -8,6 +8,7 @@ import torch
 
 from sslmm_ray import metrics as mmsa
 from sslmm_ray import storage
+from sslmm_ray.config import MAX_MODALITY_RATE
 from sslmm_ray.data import pipeline, protocols, store
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
@@ -69,6 +70,9 @@ def robustness_curve(
 ) -> dict[str, Any]:
     """Metrics at each test missing rate; writes ``curve.json`` and ``curve.png`` to ``out_uri``."""
     model, meta, manifest = _open(checkpoint_uri, data_uri, options)
+    proto = _spec(meta, 0.0, protocol, seed).protocol
+    if proto == "modality":  # at most 2/3 of the modalities can be missing at this level
+        rates = tuple(r for r in rates if r <= MAX_MODALITY_RATE)
     points = []
     for rate in rates:
         spec = _spec(meta, rate, protocol, seed)
@@ -77,7 +81,7 @@ def robustness_curve(
         "checkpoint": checkpoint_uri,
         "data": data_uri,
         "split": split,
-        "protocol": _spec(meta, 0.0, protocol, seed).protocol,
+        "protocol": proto,
         "headline": mmsa.headline_metric(manifest.family),
         "points": points,
     }
