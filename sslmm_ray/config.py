@@ -135,7 +135,8 @@ class FinetuneConfig(TrainingConfig):
     views: Annotated[int, Field(ge=2)] = 4
     view_mask_prob: Prob = 0.3  # teacher views: modality hidden with this prob (>= 1 kept)
     view_segment_prob: Prob = 0.15  # teacher views: segment hidden with this prob
-    confidence_kappa: Annotated[float, Field(gt=0.0)] = 0.1  # conf = |mu| / (|mu| + std + kappa)
+    # conf = |mu| / (|mu| + std + kappa * half the label range): scale-free across data sets
+    confidence_kappa: Annotated[float, Field(gt=0.0)] = 0.03
     loss: Literal["l1", "mse"] = "l1"  # supervised and pseudo-label regression loss
     drop_prob: Prob = 0.3
     pseudo_labels: bool = True

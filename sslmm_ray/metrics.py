@@ -40,6 +40,7 @@ __all__ = [
     "compute_metrics",
     "dataset_family",
     "headline_metric",
+    "selection_metric",
     "higher_is_better",
 ]
 
@@ -101,6 +102,12 @@ def higher_is_better(name: str) -> bool:
     if name not in known:
         raise UserError(f"unknown metric {name!r}; known: {sorted(known)}")
     return name not in _LOWER_IS_BETTER
+
+
+def selection_metric(choice: str, dataset: str) -> tuple[str, str]:
+    """(metric, mode) of a ``finetune.selection`` choice: MAE, Corr or the headline metric."""
+    name = headline_metric(dataset) if choice == "headline" else choice
+    return name, "max" if higher_is_better(name) else "min"
 
 
 def compute_metrics(preds: Any, labels: Any, dataset: str) -> dict[str, float]:

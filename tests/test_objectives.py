@@ -19,6 +19,7 @@ from sslmm_ray.model import (
     pseudo_labels,
     rampup,
 )
+from sslmm_ray.model.objectives import features
 
 torch.set_num_threads(1)
 
@@ -122,10 +123,16 @@ def test_switched_off_parts_get_no_gradient():
 
     _, stats = finetune_loss(student, Forbidden(), b, ft(pseudo_labels=False), 1, _gen())
     assert "pseudo" not in stats
-    # The early-fusion baseline has no decoders: reconstruction silently contributes nothing.
+    # The early-fusion baseline reconstructs like SSLMM (only the graph differs) and can be
+    # pre-trained.
     early = make(fusion="early")
     loss, stats = finetune_loss(early, make_teacher(early), b, ft(), 1, _gen())
-    assert torch.isfinite(loss) and "rec" not in stats
+    assert torch.isfinite(loss) and "rec" in stats
+    grads = grads_after(lambda: finetune_loss(early, None, b, ft(pseudo_labels=False), 1,
+                                              _gen()), early)
+    assert any(grads[k] is not None for k in grads if k.startswith("decoders."))
+    pre_loss, pre_stats = pretrain_loss(early, b, PretrainConfig(), _gen())
+    assert torch.isfinite(pre_loss) and pre_stats["rec"] > 0
 
 
 def test_tau_zero_keeps_every_pseudo_label_tau_one_keeps_none():
@@ -134,8 +141,8 @@ def test_tau_zero_keeps_every_pseudo_label_tau_one_keeps_none():
     b = batch(label_ratio=0.25)
     _, keep_all = finetune_loss(student, teacher, b, ft(tau=0.0), 1, _gen())
     _, keep_none = finetune_loss(student, teacher, b, ft(tau=1.0), 1, _gen())
-    assert keep_all["kept"] == 1.0 and keep_all["pseudo"] > 0
-    assert keep_none["kept"] == 0.0 and keep_none["pseudo"] == 0.0
+    assert keep_all["pseudo_label_fraction"] == 1.0 and keep_all["pseudo"] > 0
+    assert keep_none["pseudo_label_fraction"] == 0.0 and keep_none["pseudo"] == 0.0
 
 
 def test_confidence_formula_and_range():
@@ -144,14 +151,37 @@ def test_confidence_formula_and_range():
     mu, conf = pseudo_labels(teacher, b, 5, 0.5, 0.2, 0.1, _gen(3))
     assert ((conf >= 0) & (conf < 1)).all()
     # Recompute from the same views.
-    from sslmm_ray.model.objectives import features, random_hide
+    from sslmm_ray.model.objectives import random_hide
 
     inputs = {k: v.repeat(5, *([1] * (v.dim() - 1))) for k, v in features(b).items()}
-    hide = random_hide(inputs, teacher.segments, 0.5, 0.2, _gen(3))
-    preds = teacher(inputs, hide=hide).pred.view(5, -1)
+    gen = _gen(3)
+    hide = random_hide(inputs, teacher.segments, 0.5, 0.2, gen)
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    preds = teacher.train()(inputs, hide=hide).pred.view(5, -1)  # Monte-Carlo dropout views
+    teacher.eval()
     m, s = preds.mean(0), preds.std(0, correction=0)
     torch.testing.assert_close(mu, m)
     torch.testing.assert_close(conf, m.abs() / (m.abs() + s + 0.1))
+    # kappa is relative to half the label range: the same threshold means the same on SIMS
+    _, conf_sims = pseudo_labels(teacher, b, 5, 0.5, 0.2, 0.1, _gen(3), label_scale=1.0)
+    _, conf_mosi = pseudo_labels(teacher, b, 5, 0.5, 0.2, 0.1, _gen(3), label_scale=3.0)
+    torch.testing.assert_close(conf_sims, m.abs() / (m.abs() + s + 0.1))
+    torch.testing.assert_close(conf_mosi, m.abs() / (m.abs() + s + 0.3))
+    assert not teacher.training  # the teacher is left as it was
+
+
+def test_single_modality_samples_are_not_the_most_confident():
+    """With one modality there is nothing to hide: the views differ through dropout alone."""
+    teacher = make_teacher(make(dropout=0.2))
+    b = batch(missing=0.0)
+    for m in ("audio", "vision"):  # text only, in every row
+        b[f"{m}_mask"] = torch.zeros_like(b[f"{m}_mask"])
+        b[m] = torch.zeros_like(b[m])
+    mu, conf = pseudo_labels(teacher, b, 6, 0.5, 0.0, 0.1, _gen(4))
+    inputs = {k: v.repeat(6, *([1] * (v.dim() - 1))) for k, v in features(b).items()}
+    eval_views = teacher(inputs).pred.view(6, -1)
+    assert torch.allclose(eval_views.std(0), torch.zeros(()), atol=1e-6)  # identical views
+    assert (conf < mu.abs() / (mu.abs() + 0.1) - 1e-4).all()  # dropout made sigma > 0
 
 
 def test_reconstruction_is_zero_when_nothing_was_dropped():

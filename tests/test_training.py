@@ -96,6 +96,12 @@ def test_pretrained_protocol_mismatch_is_refused(ray_cluster, local_data, tmp_pa
     cfg = tiny_config(local_data, "finetune.missing_rate=0.5", f"finetune.pretrained={pre_dir}")
     with pytest.raises(ckpt.CheckpointError, match="visible in pre-training"):
         run_stage("finetune", cfg, str(tmp_path / "ft"))
+    # an ablation the pre-trained model contradicts is refused, never silently dropped
+    for ablation in ("model.propagation=intra", "model.fusion=early"):
+        cfg = tiny_config(local_data, ablation, f"finetune.pretrained={pre_dir}",
+                          "finetune.missing_rate=0.0")
+        with pytest.raises(config_mod.ConfigError, match=f"{ablation.split('=')[0]}="):
+            run_stage("finetune", cfg, str(tmp_path / "ft-ablation"))
 
 
 def _finetune_cli(data: str, run_dir: str, epochs: int) -> list[str]:

@@ -126,7 +126,8 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
         "--missing-rates", "0.0,0.5", "--concurrency", "2", *TINY, "--json",
     )
     assert len(printed["cells"]) == 4 and printed["skipped"] == []
-    metric = "valid_Non0_acc_2"
+    metric = "valid_MAE"  # finetune.selection's default: every labeled validation row counts
+    assert (printed["metric"], printed["mode"]) == (metric, "min")
 
     expected_rows = {}
     for cell in space.grid([0.3, 0.7], [0.0, 0.5]):
@@ -146,7 +147,7 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
             assert len(history) == 1
             assert rec["last"][metric] == pytest.approx(history[-1][metric])
             assert list(storage.list_files(storage.join(run_dir, "tensorboard")))
-        best_value = max(t["last"][metric] for t in tune_trials.values())
+        best_value = min(t["last"][metric] for t in tune_trials.values())
         best_ids = [i for i, t in tune_trials.items() if t["last"][metric] == best_value]
         expected_rows[cell.name] = (best_value, best_ids, runs, tune_trials)
 
@@ -157,7 +158,8 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
                                                                   "report.csv").read_text()))}
     for name, (best_value, best_ids, runs, tune_trials) in expected_rows.items():
         row = rows[name]
-        assert row["valid_Non0_acc_2"] == pytest.approx(best_value)
+        assert row["valid_MAE"] == pytest.approx(best_value)
+        assert "valid_Non0_acc_2" in row  # reports still lead with the headline metric
         assert row["trial_id"] in best_ids
         chosen = tune_trials[row["trial_id"]]["params"]
         assert (row["tau"], row["lambda_rec"]) == (chosen["tau"], chosen["lambda_rec"])
@@ -276,7 +278,9 @@ def test_asha_stops_weak_trials_early_and_frees_their_workers(ray_cluster, tiny_
         seen = [json.loads(line) for line in
                 (cell_dir / f"trial_{t['trial_id']}" / "result.json").read_text().splitlines()]
         assert t["epochs"] == seen[-1]["epochs_done"] == len(seen)
-        assert t["best_valid"] == max(r["valid_Non0_acc_2"] for r in seen)
+        assert t["best_valid"] == min(r["valid_MAE"] for r in seen)
+        # Optuna and ASHA were scored on the best-so-far value that selection uses
+        assert seen[-1]["best_valid_MAE"] == t["best_valid"]
     assert any(t["finished"] and t["epochs"] == 4 for t in trials)
     assert not math.isnan(result["best"]["test"]["MAE"])
 
@@ -309,5 +313,7 @@ def test_best_checkpoint_of_a_stopped_trial_uses_the_epochs_tune_saw(tmp_path):
     assert best_checkpoint(str(run_dir), metric, opts, epochs=3)[0].endswith("checkpoint_1")
     assert best_checkpoint(str(run_dir), metric, opts)[0] == "elsewhere"  # finished: best.json
     # every checkpoint Tune saw was dropped by retention: the best kept one
+    assert best_checkpoint(str(run_dir), metric, opts, mode="min", epochs=3)[0].endswith(
+        "checkpoint_0")  # a loss-like metric (MAE) picks the smallest value
     (run_dir / "checkpoint_0" / "meta.json").unlink()
     assert best_checkpoint(str(run_dir), metric, opts, epochs=1)[0].endswith("checkpoint_1")

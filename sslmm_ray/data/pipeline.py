@@ -35,6 +35,9 @@ from sslmm_ray.storage import StorageOptions
 #: and the decode into one task (a fixed batch size would add an operator and a trip through
 #: the object store); the store's ``shard_rows`` sets the granularity (a MOSI row is ~200 KB).
 DECODE_BATCH_ROWS: int | None = None
+#: Validation labels are drawn with ``seed + VALID_SEED_OFFSET``: independent of the training
+#: draw, still a pure function of the run's seed.
+VALID_SEED_OFFSET = 7919
 
 
 def _decode(
@@ -87,13 +90,17 @@ def split_dataset(
     )
 
 
-def train_labeled_keys(
-    manifest: Manifest, ratio: float, seed: int, options: StorageOptions | None = None
+def labeled_split_keys(
+    manifest: Manifest,
+    split: str,
+    ratio: float,
+    seed: int,
+    options: StorageOptions | None = None,
 ) -> np.ndarray | None:
-    """The labeled training keys, from the id and label columns only (cheap)."""
+    """The keys of a split's rows that keep their label, from the id and label columns only."""
     if ratio >= 1.0:
         return None
-    tables = list(iter_split_tables(manifest, "train", options, columns=["id", "label"]))
+    tables = list(iter_split_tables(manifest, split, options, columns=["id", "label"]))
     table = pa.concat_tables(tables)
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     labels = table.column("label").to_numpy()
@@ -101,18 +108,30 @@ def train_labeled_keys(
 
 
 def finetune_specs(
-    manifest: Manifest, ft: FinetuneConfig, options: StorageOptions | None = None
+    manifest: Manifest,
+    ft: FinetuneConfig,
+    options: StorageOptions | None = None,
+    *,
+    valid_label_ratio: float | None = None,
 ) -> dict[str, protocols.ProtocolSpec]:
-    """Per split: the same missingness everywhere, labels withheld on train only."""
-    labeled = train_labeled_keys(manifest, ft.label_ratio, ft.seed, options)
+    """Per split: the same missingness everywhere; labels withheld on train and on valid.
+
+    Validation keeps ``valid_label_ratio`` of its labels (None: the training label ratio), so
+    model selection sees as many labels as such an experiment would really have. The
+    validation draw uses its own stream of the seed; test is always fully labeled.
+    """
     common: dict[str, Any] = {
         "missing_rate": ft.missing_rate,
         "protocol": ft.protocol,
         "seed": ft.seed,
     }
+    valid_ratio = ft.label_ratio if valid_label_ratio is None else valid_label_ratio
+    train = labeled_split_keys(manifest, "train", ft.label_ratio, ft.seed, options)
+    valid = labeled_split_keys(manifest, "valid", valid_ratio, ft.seed + VALID_SEED_OFFSET,
+                               options)
     return {
-        "train": protocols.ProtocolSpec(**common, labeled_keys=labeled),
-        "valid": protocols.ProtocolSpec(**common),
+        "train": protocols.ProtocolSpec(**common, labeled_keys=train),
+        "valid": protocols.ProtocolSpec(**common, labeled_keys=valid),
         "test": protocols.ProtocolSpec(**common),
     }
 
@@ -142,7 +161,8 @@ def cached(
 def finetune_datasets(
     manifest: Manifest, cfg: ExperimentConfig, options: StorageOptions | None = None
 ) -> dict[str, ray.data.Dataset]:
-    specs = finetune_specs(manifest, cfg.finetune, options)
+    specs = finetune_specs(manifest, cfg.finetune, options,
+                           valid_label_ratio=cfg.data.valid_label_ratio)
     seed, cache_mb = cfg.finetune.seed, cfg.data.cache_mb
     train = split_dataset(manifest, "train", specs["train"], options, shuffle_seed=seed)
     valid = split_dataset(manifest, "valid", specs["valid"], options)

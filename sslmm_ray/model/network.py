@@ -48,7 +48,9 @@ class SSLMMOutput:
     present: Tensor  # (B, M) modality visible to the network (some node valid)
     recon: dict[str, Tensor] = field(default_factory=dict)  # (B, K_m, d_m) rebuilt features
     nodes: dict[str, Tensor] = field(default_factory=dict)  # (B, K_m, H) final node states
-    # (B, H) contrastive projections of ``pooled``: computed inside forward so that DDP sees
+    # (B, H) contrastive projections of each modality's readout *before* any message passing:
+    # after inter-modal propagation a readout holds the other modalities' content, and a
+    # contrastive term could be met by copying it. Computed inside forward so that DDP sees
     # every parameter use in its own forward pass.
     projected: dict[str, Tensor] = field(default_factory=dict)
 
@@ -75,6 +77,21 @@ class _Base(nn.Module):
         )
         # Only the contrastive pre-training objective reads it (SimCLR-style projector).
         self.projector = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, h))
+
+    def own_readouts(
+        self, nodes: Mapping[str, Tensor], node_valid: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Per modality, the mean of its own valid encoder nodes (all nodes when none is valid,
+        i.e. the missing embedding): what the modality says before any message passing."""
+        pooled = {}
+        for m in self.modalities:
+            w = node_valid[m].to(nodes[m].dtype)
+            w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+            pooled[m] = torch.einsum("bk,bkh->bh", w / w.sum(1, keepdim=True), nodes[m])
+        return pooled
+
+    def project(self, readouts: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {m: self.projector(v) for m, v in readouts.items()}
 
     def encode(self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None):
         hide = hide or {}
@@ -105,7 +122,11 @@ class SSLMM(_Base):
         super().__init__(cfg, dims, lengths)
         h = cfg.hidden
         sizes = tuple(self.segments[m] for m in self.modalities)
-        kinds = {"alternating": ("intra", "inter"), "intra": ("intra",), "inter": ("inter",)}
+        # Two attention steps per iteration in every variant: the intra-only / inter-only
+        # ablations repeat their one edge set, so they differ from SSLMM in the edges alone,
+        # not in depth or parameter count.
+        kinds = {"alternating": ("intra", "inter"), "intra": ("intra", "intra"),
+                 "inter": ("inter", "inter")}
         templates = [EdgeTemplate(sizes, kind, cfg.edges, cfg.window)
                      for kind in kinds[cfg.propagation]]
         self.num_nodes = sum(sizes)
@@ -118,16 +139,14 @@ class SSLMM(_Base):
         self.presence = nn.Embedding(2, h)  # tells fusion whether a readout is observed or imputed
         self.fusion_gate = nn.Linear(h, 1, bias=False)
         self.fusion_norm = nn.LayerNorm(h)
-        self.decoders = nn.ModuleDict(
-            {m: nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, self.dims[m]))
-             for m in self.modalities}
-        )
+        self.decoders = make_decoders(h, self.dims)
 
     def forward(
         self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None = None
     ) -> SSLMMOutput:
         """``hide[m]`` (B, K_m) withholds segments (masked views); see ModalityEncoder."""
         nodes, node_valid, segment_valid, targets, present = self.encode(batch, hide)
+        projected = self.project(self.own_readouts(nodes, node_valid))
         x = torch.cat([nodes[m] for m in self.modalities], dim=1)  # (B, N, H)
         src_valid = torch.cat([node_valid[m] for m in self.modalities], dim=1)
         x = self.propagation(x, src_valid, self.backend)
@@ -147,17 +166,17 @@ class SSLMM(_Base):
         recon = {m: self.decoders[m](parts[m]) for m in self.modalities}
         return SSLMMOutput(
             pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
-            projected={m: self.projector(v) for m, v in pooled.items()},
-            segment_valid=segment_valid, node_valid=node_valid, present=present, recon=recon,
-            nodes=parts,
+            projected=projected, segment_valid=segment_valid, node_valid=node_valid,
+            present=present, recon=recon, nodes=parts,
         )
 
 
 class EarlyFusion(_Base):
     """Baseline: the same encoders, masked mean per modality, concatenation, an MLP.
 
-    No graph, no imputation (a missing modality contributes its learned missing embedding and
-    a 0 presence flag), no reconstruction decoders: ``recon`` is empty.
+    No graph: a missing modality contributes its learned missing embedding and a 0 presence
+    flag. It is pre-trained and reconstructs like SSLMM (decoders read the fused vector plus a
+    learned query per segment), so comparing the two isolates the graph and nothing else.
     """
 
     def __init__(self, cfg: ModelConfig, dims: Mapping[str, int], lengths: Mapping[str, int]):
@@ -167,25 +186,34 @@ class EarlyFusion(_Base):
             nn.Linear(m * h + m, 2 * h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * h, h),
             nn.LayerNorm(h),
         )
+        self.segment_queries = nn.ParameterDict(
+            {m: nn.Parameter(torch.randn(self.segments[m], h) * 0.02) for m in self.modalities}
+        )
+        self.decoders = make_decoders(h, self.dims)
 
     def forward(
         self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None = None
     ) -> SSLMMOutput:
         nodes, node_valid, segment_valid, targets, present = self.encode(batch, hide)
-        pooled = {}
-        for m in self.modalities:
-            w = node_valid[m].to(nodes[m].dtype)
-            # Rows with no valid node average all nodes, i.e. the missing embedding.
-            w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
-            pooled[m] = torch.einsum("bk,bkh->bh", w / w.sum(1, keepdim=True), nodes[m])
+        pooled = self.own_readouts(nodes, node_valid)
         flat = torch.cat([*(pooled[m] for m in self.modalities), present.to(nodes[
             self.modalities[0]].dtype)], dim=1)
         fused = self.mlp(flat)
+        recon = {m: self.decoders[m](fused.unsqueeze(1) + self.segment_queries[m])
+                 for m in self.modalities}
         return SSLMMOutput(
             pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
-            projected={m: self.projector(v) for m, v in pooled.items()},
-            segment_valid=segment_valid, node_valid=node_valid, present=present,
+            projected=self.project(pooled), segment_valid=segment_valid, node_valid=node_valid,
+            present=present, recon=recon,
         )
+
+
+def make_decoders(hidden: int, dims: Mapping[str, int]) -> nn.ModuleDict:
+    """Per modality, hidden state -> that modality's segment features (reconstruction)."""
+    return nn.ModuleDict(
+        {m: nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d))
+         for m, d in dims.items()}
+    )
 
 
 def build_model(

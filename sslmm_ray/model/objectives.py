@@ -178,30 +178,41 @@ def pseudo_labels(
     segment_prob: float,
     kappa: float,
     generator: torch.Generator,
+    label_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """Teacher pseudo-labels and their confidence from ``views`` randomly masked views.
+    """Teacher pseudo-labels and their confidence from ``views`` randomly perturbed views.
 
-    The V views (modalities hidden with ``modality_prob``, >= 1 kept; segments with
-    ``segment_prob``) run as one batch of V * B rows. With view predictions p_1..p_V:
+    The V views run as one batch of V * B rows. Each view hides modalities with
+    ``modality_prob`` (>= 1 kept) and segments with ``segment_prob``, and runs the teacher with
+    its dropout on (Monte-Carlo dropout): a sample with a single modality has no modality to
+    hide, and without dropout its views would barely differ, so it would look the most
+    certain exactly when it has the least evidence. With view predictions p_1..p_V:
 
         mu    = mean_v p_v                                 (the pseudo-label)
         sigma = std_v p_v  (population std)
-        conf  = |mu| / (|mu| + sigma + kappa)              in [0, 1)
+        conf  = |mu| / (|mu| + sigma + kappa * label_scale)    in [0, 1)
 
     Confidence is high when the views agree (small sigma) on a score clearly away from the
-    neutral 0 (large |mu|), i.e. when they agree on the sentiment sign: for Gaussian view noise
-    the chance that a view flips the sign falls with |mu| / sigma. ``kappa`` > 0 (label units)
-    keeps near-neutral predictions unconfident and makes conf < 1 strictly, so tau = 1 keeps
-    nothing and tau = 0 keeps everything.
+    neutral 0 (large |mu|), i.e. when they agree on the sentiment sign. ``kappa`` is relative
+    to ``label_scale`` (half the label range: 3 for MOSI/MOSEI, 1 for SIMS), so one threshold
+    means the same on every data set; it keeps near-neutral predictions unconfident and makes
+    conf < 1 strictly, so tau = 1 keeps nothing and tau = 0 keeps everything.
     """
     net = _unwrap(teacher)
     b = next(iter(batch.values())).size(0)
     inputs = {k: v.repeat(views, *([1] * (v.dim() - 1))) for k, v in features(batch).items()}
     hide = random_hide(inputs, net.segments, modality_prob, segment_prob, generator)
-    preds = teacher(inputs, hide=hide).pred.view(views, b)
+    was_training = teacher.training
+    teacher.train()  # dropout on: Monte-Carlo views (the teacher has no batch statistics)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            preds = teacher(inputs, hide=hide).pred.view(views, b)
+    finally:
+        teacher.train(was_training)
     mu = preds.mean(dim=0)
     sigma = preds.std(dim=0, correction=0)
-    return mu, mu.abs() / (mu.abs() + sigma + kappa)
+    return mu, mu.abs() / (mu.abs() + sigma + kappa * label_scale)
 
 
 def _regression(pred: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -215,6 +226,7 @@ def finetune_loss(
     cfg: FinetuneConfig,
     epoch: int,
     generator: torch.Generator,
+    label_scale: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Semi-supervised loss ``L_sup + w(epoch) * L_pseudo + lambda_rec * L_rec``.
 
@@ -250,13 +262,15 @@ def finetune_loss(
         if unlabeled.numel():
             sub = {k: v[unlabeled] for k, v in inputs.items()}
             mu, conf = pseudo_labels(teacher, sub, cfg.views, cfg.view_mask_prob,
-                                     cfg.view_segment_prob, cfg.confidence_kappa, generator)
+                                     cfg.view_segment_prob, cfg.confidence_kappa, generator,
+                                     label_scale)
             keep = conf >= cfg.tau
             pseudo = (_regression(out.pred[unlabeled], mu, cfg.loss) * keep).sum() / keep.numel()
-            stats.update(kept=float(keep.float().mean()), confidence=float(conf.mean()))
+            stats.update(pseudo_label_fraction=float(keep.float().mean()),
+                         confidence=float(conf.mean()))
         else:
             pseudo = out.pred.sum() * 0.0
-            stats.update(kept=0.0, confidence=0.0)
+            stats.update(pseudo_label_fraction=0.0, confidence=0.0)
         loss = loss + weight * pseudo
         stats.update(pseudo=float(pseudo.detach()), unlabeled_weight=weight)
 

@@ -39,11 +39,12 @@ def stage_config(cfg: ExperimentConfig, stage: str) -> TrainingConfig:
     return cfg.pretrain if stage == "pretrain" else cfg.finetune
 
 
-def selection(stage: str, family: str) -> tuple[str, str]:
-    """(metric, mode) that picks the best checkpoint of a stage."""
+def selection(stage: str, family: str, cfg: ExperimentConfig) -> tuple[str, str]:
+    """(metric, mode) that picks the best checkpoint of a stage (``finetune.selection``)."""
     if stage == "pretrain":
         return "valid_loss", "min"
-    return f"valid_{mmsa.headline_metric(family)}", "max"
+    name, mode = mmsa.selection_metric(cfg.finetune.selection, family)
+    return f"valid_{name}", mode
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -52,14 +53,19 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device):
-    """Predictions and labels over an iterable of batches (model in eval mode)."""
+    """Predictions and labels of the labeled rows of some batches (model in eval mode).
+
+    Rows whose label the protocol withheld (``labeled`` False) cannot be scored and are left
+    out: validation at a label ratio below 1 is scored on its labeled rows only.
+    """
     was_training = model.training
     model.eval()
     preds, labels = [], []
     for batch in batches:
-        out = model(_to_device(batch, device))
-        preds.append(out.pred.float().cpu())
-        labels.append(batch["label"].float().cpu())
+        keep = batch["labeled"].bool().cpu() if "labeled" in batch else None
+        pred, label = model(_to_device(batch, device)).pred.float().cpu(), batch["label"].float()
+        preds.append(pred if keep is None else pred[keep])
+        labels.append(label.cpu() if keep is None else label.cpu()[keep])
     model.train(was_training)
     if not preds:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
@@ -109,6 +115,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     stage: str = loop_config["stage"]
     cfg = from_dict(loop_config["config"], "train loop")
     dims, lengths, family = loop_config["dims"], loop_config["lengths"], loop_config["family"]
+    lo, hi = loop_config.get("label_range", (-3.0, 3.0))
+    label_scale = (float(hi) - float(lo)) / 2.0  # confidence's kappa is relative to it
     scfg = stage_config(cfg, stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -149,7 +157,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if teacher is not None and state.get("teacher") is not None:
         teacher.load_state_dict(state["teacher"])
 
-    metric, mode = selection(stage, family)
+    metric, mode = selection(stage, family, cfg)
     run_log = RunLog(loop_config["run_dir"], StorageOptions.from_env(cfg.data.s3_endpoint))
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
@@ -168,7 +176,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if stage == "pretrain":
                 loss, stats = pretrain_loss(model, batch, cfg.pretrain, gen)
             else:
-                loss, stats = finetune_loss(model, teacher, batch, cfg.finetune, epoch, gen)
+                loss, stats = finetune_loss(model, teacher, batch, cfg.finetune, epoch, gen,
+                                            label_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(model)

@@ -69,8 +69,36 @@ def _with_pretrained_model(
             "the same --missing-rate, --protocol and --seed."
         )
     data = cfg.to_dict()
-    data["model"] = dataclasses.asdict(ModelConfig(**meta.model))
+    data["model"] = _model_of_checkpoint(cfg.model, meta.model, uri)
     return from_dict(data, f"model config of {uri}"), uri
+
+
+#: Model settings that change how the same weights run, not which weights exist.
+_RUNTIME_MODEL_KEYS = frozenset({"backend"})
+
+
+def _model_of_checkpoint(requested: ModelConfig, trained: dict[str, Any], uri: str) -> dict:
+    """The checkpoint's architecture; a setting asked for that contradicts it is an error.
+
+    An ablation such as ``--propagation intra`` or ``--fusion early`` on top of a checkpoint
+    pre-trained with another architecture cannot be honoured; dropping it silently would
+    report the full model under the ablation's name.
+    """
+    asked = dataclasses.asdict(requested)
+    default = dataclasses.asdict(ModelConfig())
+    model = dataclasses.asdict(ModelConfig(**trained))
+    conflicts = [
+        f"model.{k}={v!r} (checkpoint: {model[k]!r})" for k, v in asked.items()
+        if k not in _RUNTIME_MODEL_KEYS and v != default[k] and v != model[k]
+    ]
+    if conflicts:
+        raise config_mod.ConfigError(
+            f"--pretrained {uri} was trained with another model: {', '.join(conflicts)}. "
+            "Pre-train with the same model settings, or fine-tune without --pretrained."
+        )
+    for k in _RUNTIME_MODEL_KEYS:
+        model[k] = asked[k]
+    return model
 
 
 @dataclass
@@ -103,7 +131,7 @@ def prepare_stage(stage: str, cfg: ExperimentConfig, run_dir: str) -> PreparedSt
     else:
         datasets = pipeline.pretrain_datasets(manifest, cfg, options)
     storage.write_json(storage.join(run_dir, "config.json"), cfg.to_dict(), options)
-    metric, mode = selection(stage, manifest.family)
+    metric, mode = selection(stage, manifest.family, cfg)
     return PreparedStage(stage, cfg, run_dir, options, manifest, datasets, pretrained, metric, mode)
 
 
@@ -121,6 +149,7 @@ def build_trainer(prep: PreparedStage, callbacks: list[Any] | None = None) -> To
             "dims": manifest.dims,
             "lengths": manifest.lengths,
             "family": manifest.family,
+            "label_range": list(manifest.label_range),
             "dataset": manifest.name,
             "pretrained": prep.pretrained,
             "run_dir": prep.run_dir,

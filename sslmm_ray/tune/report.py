@@ -32,7 +32,12 @@ def load_results(storage_uri: str, options: StorageOptions | None = None) -> lis
 
 
 def headline_of(cells: list[dict[str, Any]]) -> str:
-    """Non0_acc_2 (MOSI/MOSEI) or Mult_acc_2 (SIMS): the metric the sweep selected on."""
+    """Non0_acc_2 (MOSI/MOSEI) or Mult_acc_2 (SIMS): the metric reports lead with."""
+    return cells[0].get("headline") or cells[0]["metric"].removeprefix("valid_")
+
+
+def selected_by(cells: list[dict[str, Any]]) -> str:
+    """The validation metric that chose each cell's trial and checkpoint."""
     return cells[0]["metric"].removeprefix("valid_")
 
 
@@ -49,6 +54,7 @@ def rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "trial_id": best["trial_id"],
             "trials": len(c["trials"]),
             f"valid_{headline_of([c])}": best["valid"].get(headline_of([c])),
+            f"valid_{selected_by([c])}": best["valid"].get(selected_by([c])),
         }
         row.update({f"test_{k}": v for k, v in best["test"].items()})
         base = c.get("baseline")
@@ -66,7 +72,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def markdown(table: list[dict[str, Any]], headline: str) -> str:
+def markdown(table: list[dict[str, Any]], headline: str, selected: str | None = None) -> str:
     """The human table: test headline/MAE/Corr with the chosen tau and lambda_rec."""
     has_baseline = any(f"baseline_test_{headline}" in r for r in table)
     cols = [
@@ -90,7 +96,8 @@ def markdown(table: list[dict[str, Any]], headline: str) -> str:
         for r in table
     ]
     note = (
-        f"\nBest trial per cell chosen by validation {headline}; test metrics of its best "
+        f"\nBest trial per cell chosen by validation {selected or headline} (best epoch of each "
+        "trial); test metrics of its best "
         "checkpoint, evaluated once."
     )
     if has_baseline:
@@ -149,7 +156,7 @@ def build(storage_uri: str, options: StorageOptions | None = None) -> dict[str, 
     headline = headline_of(cells)
     table = rows(cells)
     files = {
-        "report.md": markdown(table, headline).encode(),
+        "report.md": markdown(table, headline, selected_by(cells)).encode(),
         "report.csv": to_csv(table).encode(),
         f"heatmap_{headline}.png": heatmap_png(table, f"test_{headline}", f"test {headline}"),
         "heatmap_MAE.png": heatmap_png(table, "test_MAE", "test MAE"),

@@ -32,6 +32,7 @@ from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
 from sslmm_ray.train.evaluate import evaluate_checkpoint
+from sslmm_ray.train.loop import selection
 from sslmm_ray.train.runlog import RunLog
 from sslmm_ray.tune import space, trial
 from sslmm_ray.tune.space import Cell
@@ -124,6 +125,7 @@ def run_sweep(
     check_plan(cfg, info)
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
     manifest = store.open_dataset(cfg.data.uri, options)
+    selected = selection("finetune", manifest.family, cfg)
     headline = mmsa.headline_metric(manifest.family)
     layout = Layout(storage_uri.rstrip("/"))
     _check_same_sweep(cfg, layout, options)
@@ -136,11 +138,13 @@ def run_sweep(
             results.append(storage.read_json(layout.result(cell), options))
             continue
         results.append(
-            run_cell(cfg, cell, layout, options, headline, baseline=baseline, verbose=verbose)
+            run_cell(cfg, cell, layout, options, selected, headline, baseline=baseline,
+                     verbose=verbose)
         )
     return {
         "storage": storage_uri,
-        "metric": f"valid_{headline}",
+        "metric": selected[0],
+        "mode": selected[1],
         "cells": results,
         "skipped": skipped,
         "wall_s": time.monotonic() - started,
@@ -148,9 +152,16 @@ def run_sweep(
 
 
 def _tuner(
-    cfg: ExperimentConfig, cell: Cell, layout: Layout, metric: str, verbose: int = 1
+    cfg: ExperimentConfig, cell: Cell, layout: Layout, selected: tuple[str, str],
+    verbose: int = 1,
 ) -> tune.Tuner:
-    """A new Tuner for the cell, or the interrupted one restored from storage."""
+    """A new Tuner for the cell, or the interrupted one restored from storage.
+
+    Optuna and ASHA score a trial by its best-so-far validation value (``best_<metric>``, as
+    the train loop reports it), the same value the final choice of checkpoint uses; a trial's
+    last epoch would rank trials by where training happened to end.
+    """
+    metric, mode = f"best_{selected[0]}", selected[1]
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
     storage_path, fs = storage.ray_storage(layout.root, options)
     exp_path, _ = storage.ray_storage(layout.cell_dir(cell), options)
@@ -186,8 +197,8 @@ def _tuner(
         param_space=space.param_space(cell),
         tune_config=tune.TuneConfig(
             metric=metric,
-            mode="max",
-            search_alg=space.make_searcher(metric, "max", t.seed),
+            mode=mode,
+            search_alg=space.make_searcher(metric, mode, t.seed),
             scheduler=scheduler,
             num_samples=t.samples,
             max_concurrent_trials=t.concurrency,
@@ -207,25 +218,30 @@ def run_cell(
     cell: Cell,
     layout: Layout,
     options: StorageOptions,
+    selected: tuple[str, str],
     headline: str,
     *,
     baseline: bool = False,
     verbose: int = 1,
 ) -> dict[str, Any]:
-    """Search one cell, test its best trial once, optionally run its baseline; publish."""
-    metric = f"valid_{headline}"
+    """Search one cell, test its best trial once, optionally run its baseline; publish.
+
+    ``selected`` is the (metric, mode) that ranks trials and checkpoints; ``headline`` the
+    metric that reports show (Non0_acc_2 or Mult_acc_2)."""
+    metric, mode = selected
     started = time.monotonic()
-    grid = _tuner(cfg, cell, layout, metric, verbose).fit()
+    grid = _tuner(cfg, cell, layout, selected, verbose).fit()
     search_wall_s = time.monotonic() - started
-    trials = [_trial_record(r, layout.runs(cell), metric, options) for r in grid]
+    trials = [_trial_record(r, layout.runs(cell), metric, mode, options) for r in grid]
     trials = [t for t in trials if t is not None]
     scored = [t for t in trials if not math.isnan(t["best_valid"])]
     if not scored:
         errors = "; ".join(str(r.error) for r in grid if r.error)[:2000]
         raise RuntimeError(f"cell {cell.name}: no trial reported {metric} ({errors})")
-    best = max(scored, key=lambda t: t["best_valid"])
+    best = _best(scored, lambda t: t["best_valid"], mode)
     best_ckpt, best_metrics = best_checkpoint(
-        best["run_dir"], metric, options, epochs=None if best["finished"] else best["epochs"]
+        best["run_dir"], metric, options, mode=mode,
+        epochs=None if best["finished"] else best["epochs"],
     )
     test = evaluate_checkpoint(best_ckpt, cfg.data.uri, options, split="test")
     result = {
@@ -233,7 +249,8 @@ def run_cell(
         "label_ratio": cell.label_ratio,
         "missing_rate": cell.missing_rate,
         "metric": metric,
-        "mode": "max",
+        "mode": mode,
+        "headline": headline,
         "best": {
             "trial_id": best["trial_id"],
             "run_dir": best["run_dir"],
@@ -255,8 +272,12 @@ def _strip(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return {k.removeprefix(prefix): float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
+def _best(items: list[Any], key: Any, mode: str) -> Any:
+    return max(items, key=key) if mode == "max" else min(items, key=key)
+
+
 def _trial_record(
-    result: Any, runs_uri: str, metric: str, options: StorageOptions
+    result: Any, runs_uri: str, metric: str, mode: str, options: StorageOptions
 ) -> dict[str, Any] | None:
     """One trial as recorded by its own Train run (history.json), not Tune's copy.
 
@@ -277,7 +298,7 @@ def _trial_record(
         "run_dir": run_dir,
         "config": {k: result.config[k] for k in (*space.CONSTANTS, *space.SEARCHED)},
         "epochs": len(history),
-        "best_valid": max(values) if values else math.nan,
+        "best_valid": _best(values, float, mode) if values else math.nan,
         "finished": trial.is_finished(run_dir, options),
         "error": str(result.error)[:500] if result.error else None,
         "time_s": _time_of(result),
@@ -290,7 +311,8 @@ def _time_of(result: Any) -> float:
 
 
 def best_checkpoint(
-    run_dir: str, metric: str, options: StorageOptions, *, epochs: int | None = None
+    run_dir: str, metric: str, options: StorageOptions, *, mode: str = "max",
+    epochs: int | None = None,
 ) -> tuple[str, dict]:
     """The run's best checkpoint: ``best.json`` when the run finished, else the best kept one
     among its first ``epochs`` (a trial stopped by ASHA never writes ``best.json``)."""
@@ -310,7 +332,7 @@ def best_checkpoint(
     # Retention may have dropped every checkpoint Tune saw (the run kept training after ASHA's
     # decision): then the best kept one is all there is.
     candidates = [k for k in kept if epochs is None or k[0] < epochs] or kept
-    _, _, uri, metrics = max(candidates, key=lambda c: c[1])
+    _, _, uri, metrics = _best(candidates, lambda c: c[1], mode)
     return uri, metrics
 
 
