@@ -167,6 +167,20 @@ def test_classifiers_report_only_what_a_sign_defines() -> None:
     assert peers.score("ridge", signs, labels, "mosi")["MAE"] == pytest.approx(1.0)
 
 
+def test_label_spreading_gives_rows_no_label_reaches_the_labeled_majority() -> None:
+    """sklearn leaves them NaN (then 'negative' by argmax); the prior is the honest guess."""
+    rng = np.random.default_rng(0)
+    reached, cut_off = rng.normal(0, 1, (20, 3)), rng.normal(1000, 1, (20, 3))
+    label = np.r_[np.full(15, 1.0), np.full(5, -1.0), np.zeros(20)].astype(np.float32)
+    labeled = np.r_[np.ones(20, bool), np.zeros(20, bool)]
+    train = peers.Split(np.arange(40).astype(object), np.r_[reached, cut_off], label, labeled,
+                        np.ones((40, 3), bool))
+    test = peers.Split(np.arange(2).astype(object), np.r_[cut_off[:1], cut_off[:1] + 0.1],
+                       np.ones(2, np.float32), np.ones(2, bool), np.ones((2, 3), bool))
+    pred = peers.fit_predict("label_spreading", train, test, seed=0)
+    np.testing.assert_array_equal(pred, [1.0, 1.0])
+
+
 # ------------------------------------------------------------------ the benchmark's plumbing
 
 

@@ -6,8 +6,9 @@ five scikit-learn models on the same splits, labeled rows and missing-modality m
 - regressors (scored like SSLMM, every MMSA metric): ridge (alpha by leave-one-out on the labeled
   rows) and an MLP (one hidden layer of 100);
 - sign classifiers (positive = label > 0): logistic regression, self-training around it, and
-  label spreading (knn kernel). They predict no score, so only the binary metrics exist for
-  them (Has0/Non0 accuracy and F1 from the predicted sign; MAE, Corr and Mult_acc_* are None).
+  label spreading (knn kernel; a test row that no label reaches through the graph gets the
+  labeled majority). They predict no score, so only the binary metrics exist for them
+  (Has0/Non0 accuracy and F1 from the predicted sign; MAE, Corr and Mult_acc_* are None).
 
 Same data, by construction: rows come from the canonical store the benchmark imported, and the
 protocol (label withholding, missingness) is :func:`protocols.apply` with the very
@@ -141,10 +142,19 @@ def fit_predict(name: str, train: Split, test: Split, seed: int) -> np.ndarray:
         # A few hundred MLP iterations may stop short of sklearn's tolerance: intended.
         warnings.simplefilter("ignore", category=ConvergenceWarning)
         model.fit(train.x[rows], y)
-        pred = model.predict(test.x)
+        if name != "label_spreading":
+            pred = np.asarray(model.predict(test.x))
+        else:
+            # sklearn divides by zero (NaN, then "negative" by argmax) for a test row whose
+            # neighbours sit in a knn component no label reached: give it the labeled majority.
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            proba = model.predict_proba(test.x)
+            pred = model.classes_[np.argmax(np.nan_to_num(proba, nan=-1.0), axis=1)]
+            majority = int(y[y != UNLABELED].mean() >= 0.5)
+            pred[~np.isfinite(proba).all(axis=1)] = majority
     if name in REGRESSORS:
-        return np.asarray(pred, np.float64)
-    return np.where(np.asarray(pred) == 1, 1.0, -1.0)
+        return pred.astype(np.float64)
+    return np.where(pred == 1, 1.0, -1.0)
 
 
 def score(name: str, pred: np.ndarray, labels: np.ndarray, dataset: str) -> dict[str, Any]:
