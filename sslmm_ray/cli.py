@@ -557,23 +557,45 @@ def bench_train(
     _bench("train", train.run(scale=scale, epochs=epochs), as_json)
 
 
+class BenchDataset(str, Enum):
+    digits = "digits"
+    synthetic = "synthetic"
+
+
 @bench_app.command("accuracy")
 def bench_accuracy(
-    seeds: Annotated[int, typer.Option(help="Seeds per variant.")] = 3,
-    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.5,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 12,
-    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs.")] = 15,
-    aligned: Annotated[bool, typer.Option(help="Word-aligned mosi shapes (faster).")] = True,
+    dataset: Annotated[BenchDataset, typer.Option(
+        help="digits: real handwritten digits through the MMSA import path, with simple peers "
+             "(the evidence); synthetic: mosi shapes, a functional check.")] = BenchDataset.digits,
+    seeds: Annotated[int | None, typer.Option(
+        help="Seeds per method (default: 5 digits, 3 synthetic).")] = None,
+    cells: Annotated[str | None, typer.Option(
+        help="LABEL_RATIO:MISSING_RATE,... (default: digits 0.1:0.5,0.5:0.5; "
+             "synthetic 0.5:0.5).")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        help="Fine-tuning epochs (default: digits the config's, synthetic 12).")] = None,
+    pretrain_epochs: Annotated[int | None, typer.Option(
+        help="Pre-training epochs (default: digits the config's, synthetic 15).")] = None,
     variants: Annotated[str | None, typer.Option(
-        help="Comma-separated subset of variants (default: all).")] = None,
+        help="Comma-separated SSLMM variants (default: all; none: peers only).")] = None,
+    peers: Annotated[bool | None, typer.Option(
+        "--peers/--no-peers",
+        help="Train the simple peers on the same cells (default: digits yes, synthetic no).")
+    ] = None,
+    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.5,
+    aligned: Annotated[bool, typer.Option(help="Word-aligned synthetic mosi (faster).")] = True,
+    overrides: Overrides = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """SSLMM vs supervised-only, each ablation and early fusion (rho 0.5, missing 0.5)."""
+    """SSLMM, its ablations and simple peers per (label ratio, missing rate) cell, test split."""
     from sslmm_ray.bench import accuracy
 
     result = accuracy.run(
-        seeds=seeds, scale=scale, epochs=epochs, pretrain_epochs=pretrain_epochs,
-        aligned=aligned, variants=variants.split(",") if variants else None,
+        dataset=dataset.value, seeds=seeds,
+        cells=accuracy.parse_cells(cells) if cells else None,
+        variants=accuracy.parse_names(variants, list(accuracy.VARIANTS), "variants"),
+        peers=peers, epochs=epochs, pretrain_epochs=pretrain_epochs, scale=scale,
+        aligned=aligned, overrides=overrides or [],
     )
     if as_json:
         _emit(result, True)
