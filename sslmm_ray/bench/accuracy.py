@@ -53,7 +53,7 @@ VARIANTS: dict[str, tuple[bool, list[str]]] = {
     "no_reconstruction": (True, ["finetune.reconstruction=false"]),
     "intra_only": (True, ["model.propagation=intra"]),
     "inter_only": (True, ["model.propagation=inter"]),
-    "early_fusion": (False, ["model.fusion=early"]),
+    "early_fusion": (True, ["model.fusion=early"]),  # pre-trained too: only the graph differs
     # Not a variant of the method: the supervised model given every training label. It bounds
     # what unlabeled data can add at this data size (the semi-supervised headroom).
     "fully_labeled": (False, [*SUPERVISED, "finetune.label_ratio=1.0"]),
@@ -145,6 +145,8 @@ class CellSeed:
     workers: int
     #: The caller's ``--set`` overrides: below the cell's keys, above the config defaults.
     overrides: tuple[str, ...] = ()
+    #: Pre-training runs by (missing rate, seed, model overrides), shared between cells: it
+    #: reads no label, so cells that differ only in label ratio reuse it.
     pretrained: dict[str, str] = field(default_factory=dict)
 
     def common(self) -> list[str]:
@@ -169,7 +171,7 @@ class CellSeed:
         model_overrides = [o for o in overrides if o.startswith("model.")]
         extra = []
         if use_pre:
-            key = ",".join(model_overrides) or "default"
+            key = f"r{self.missing_rate}-s{self.seed}-" + (",".join(model_overrides) or "default")
             if key not in self.pretrained:
                 pre_dir = str(self.root / f"pre-{len(self.pretrained)}")
                 cfg = config_mod.load(overrides=self.common() + model_overrides)
@@ -215,11 +217,13 @@ def run(
         root = Path(tmp)
         data_uri = write_data(dataset, root, scale=scale, aligned=aligned)
         manifest = store.open_dataset(data_uri)
+        pretrained: dict[str, str] = {}
         for ratio, rate in cells:
             results: dict[str, list[dict[str, Any]]] = {n: [] for n in [*names, *peer_names]}
             for seed in range(seeds):
                 cs = CellSeed(data_uri, root / f"rho{ratio}-r{rate}" / f"seed{seed}", ratio, rate,
-                              seed, epochs, pretrain_epochs, workers, tuple(overrides))
+                              seed, epochs, pretrain_epochs, workers, tuple(overrides),
+                              pretrained)
                 for name in names:
                     results[name].append(cs.run_variant(name))
                 if peer_names:
