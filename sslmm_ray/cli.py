@@ -219,8 +219,17 @@ def data_inspect(
         )
     table.caption = "dims: " + ", ".join(
         f"{m} {s['length']}x{s['dim']}" for m, s in info["modalities"].items()
-    )
+    ) + "\n" + _normalization_line(info["normalization"])
     _emit(info, as_json, table)
+
+
+def _normalization_line(summary: dict[str, Any] | None) -> str:
+    """One line: are train statistics stored, and how far apart are the feature scales."""
+    if summary is None:
+        return "normalisation: no statistics (older store: re-write it, or data.normalize=false)"
+    return "normalisation: train mean/std per feature; std " + ", ".join(
+        f"{m} {s['std_min']:.3g}..{s['std_max']:.3g}" for m, s in summary.items()
+    )
 
 
 # --------------------------------------------------------------------------- training
