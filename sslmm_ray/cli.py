@@ -215,7 +215,8 @@ def data_inspect(
         table.add_row(
             split, str(s["count"]), f"{lab['mean']:.3f}", f"{lab['std']:.3f}",
             f"{lab['positive']}/{lab['negative']}/{lab['zero']}",
-            *(f"{v['min']}/{v['mean']:.1f}/{v['max']}" for v in s["lengths"].values()),
+            *(f"{v['min']}/{v['mean']:.1f}/{v['max']}"
+              for v in (s["lengths"][m] for m in info["modalities"])),
         )
     table.caption = "dims: " + ", ".join(
         f"{m} {s['length']}x{s['dim']}" for m, s in info["modalities"].items()
