@@ -215,12 +215,22 @@ def data_inspect(
         table.add_row(
             split, str(s["count"]), f"{lab['mean']:.3f}", f"{lab['std']:.3f}",
             f"{lab['positive']}/{lab['negative']}/{lab['zero']}",
-            *(f"{v['min']}/{v['mean']:.1f}/{v['max']}" for v in s["lengths"].values()),
+            *(f"{v['min']}/{v['mean']:.1f}/{v['max']}"
+              for v in (s["lengths"][m] for m in info["modalities"])),
         )
     table.caption = "dims: " + ", ".join(
         f"{m} {s['length']}x{s['dim']}" for m, s in info["modalities"].items()
-    )
+    ) + "\n" + _normalization_line(info["normalization"])
     _emit(info, as_json, table)
+
+
+def _normalization_line(summary: dict[str, Any] | None) -> str:
+    """One line: are train statistics stored, and how far apart are the feature scales."""
+    if summary is None:
+        return "normalisation: no statistics (older store: re-write it, or data.normalize=false)"
+    return "normalisation: train mean/std per feature; std " + ", ".join(
+        f"{m} {s['std_min']:.3g}..{s['std_max']:.3g}" for m, s in summary.items()
+    )
 
 
 # --------------------------------------------------------------------------- training

@@ -65,6 +65,10 @@ class DataConfig:
     # from storage every epoch). Decoding costs a core per ~1,300 mosi rows/s; epochs 2+ of a
     # cached split cost none.
     cache_mb: Annotated[int, Field(ge=0)] = 1024
+    # Standardise each feature with the store's train-split mean/std (docs/DATA.md,
+    # "Normalisation"): real feature scales differ by orders of magnitude, and on raw ones the
+    # largest feature dominates the losses. Off only to reproduce raw-feature runs.
+    normalize: bool = True
 
 
 @dataclass(config=_STRICT)

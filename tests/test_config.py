@@ -73,3 +73,10 @@ def test_bad_file_errors(tmp_path):
         config.load(bad)
     with pytest.raises(ConfigError, match="section.key=value"):
         config.load(overrides=["tau"])
+
+
+def test_normalize_defaults_on_and_can_be_switched_off():
+    assert config.load().data.normalize is True
+    cfg = config.load(overrides=["data.normalize=false"])
+    assert cfg.data.normalize is False
+    assert config.from_dict(json.loads(cfg.to_json())).data.normalize is False

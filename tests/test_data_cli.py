@@ -54,6 +54,10 @@ def test_synth_then_inspect_json(s3, monkeypatch, capsys) -> None:
     assert info["family"] == "sims" and info["label_range"] == [-1.0, 1.0]
     assert info["modalities"]["vision"] == {"dim": 709, "length": 55}
     assert info["shards"] == 3 + 2 + 2
+    norm = info["normalization"]  # train-split statistics are stored
+    assert norm["vision"]["features"] == 709 and 0 < norm["vision"]["std_min"]
+    code, out, err = _main(monkeypatch, capsys, "data", "inspect", uri)
+    assert code == 0 and "normalisation: train mean/std per feature" in out, err
     for split, n in made["counts"].items():
         s = info["splits"][split]
         assert s["count"] == n
@@ -81,6 +85,8 @@ def test_import_mmsa(tmp_path: Path, s3, monkeypatch, capsys, dataset: str, alig
     assert manifest.lengths == preset.lengths(aligned)
     assert manifest.stats["aligned"] is aligned
     assert manifest.stats["nonfinite_replaced"]["audio"] >= 2  # the -inf values
+    for m, d in preset.dims.items():  # statistics of the repaired features: all finite
+        assert len(manifest.normalization[m]["std"]) == d
     src = make_mmsa_dict(dataset, aligned, n_per_split=(6, 3, 4))
     info = store.describe(manifest, s3.options)
     for split in ("train", "valid", "test"):

@@ -15,10 +15,11 @@ import ray
 import torch
 
 from sslmm_ray import ray_env
-from sslmm_ray.config import ExperimentConfig, FinetuneConfig
+from sslmm_ray.config import DataConfig, ExperimentConfig, FinetuneConfig
 from sslmm_ray.data import pipeline, protocols, store, synth
+from sslmm_ray.data.normalize import normalize_features, normalizer_for, valid_frames
 from sslmm_ray.data.protocols import ProtocolSpec
-from sslmm_ray.data.sources import MODALITIES, RawDataset
+from sslmm_ray.data.sources import MODALITIES, DataError, RawDataset
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,9 @@ def _by_index(got: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarr
 
 def test_s3_round_trip_equals_source_rows(ray_session, s3, raw, remote) -> None:
     arrays = raw.splits["train"]
-    ds = pipeline.split_dataset(remote, "train", ProtocolSpec(), s3.options, shuffle_seed=1)
+    ds = pipeline.split_dataset(
+        remote, "train", ProtocolSpec(), s3.options, shuffle_seed=1, normalize=False
+    )
     got = _by_index(_collect(ds), arrays["id"])
     assert got["text"].dtype == np.float32 and got["audio_mask"].dtype == bool
     assert got["index"].dtype == np.int64 and got["label"].dtype == np.float32
@@ -73,15 +76,16 @@ def test_s3_round_trip_equals_source_rows(ray_session, s3, raw, remote) -> None:
 
 
 def test_streamed_batches_equal_protocols_apply(ray_session, s3, raw, remote) -> None:
-    """Masks through Ray equal the in-process ones (the frame protocol; test_protocols covers
-    both protocols' independence from batch composition without Ray)."""
+    """Masks and normalised features through Ray equal the in-process ones (the frame
+    protocol; test_protocols covers both protocols' independence from batch composition
+    without Ray)."""
     proto = "frame"
     arrays = raw.splits["train"]
     keys = protocols.labeled_keys(arrays["id"], arrays["label"], 0.5, seed=3)
     spec = ProtocolSpec(0.5, proto, seed=3, labeled_keys=keys)
     got = _by_index(_collect(pipeline.split_dataset(remote, "train", spec, s3.options), 7),
                     arrays["id"])
-    want = protocols.apply(arrays, spec)
+    want = protocols.apply(normalize_features(arrays, normalizer_for(remote, True)), spec)
     for k, v in want.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
 
@@ -108,3 +112,49 @@ def test_finetune_datasets_withhold_train_labels_only(ray_session, s3, raw, remo
     assert (train["label"][~train["labeled"]] == 0).all()
     pre = pipeline.pretrain_datasets(remote, cfg, s3.options)
     assert set(pre) == {"train", "valid"}
+
+
+@pytest.fixture(scope="module")
+def scaled(s3, raw) -> store.Manifest:
+    """Feature scales orders of magnitude apart, as in real feature sets."""
+    splits = {s: {k: v.copy() for k, v in a.items()} for s, a in raw.splits.items()}
+    for arrays in splits.values():
+        arrays["audio"] *= 1000.0  # padding stays zero
+        valid = valid_frames(arrays["vision_len"], arrays["vision"].shape[1])
+        arrays["vision"][valid] = arrays["vision"][valid] * 0.01 + 3.0
+    uri = s3.uri(f"pipeline/{uuid.uuid4().hex}")
+    store.write_dataset(RawDataset(raw.name, raw.label_range, splits, {}), uri, s3.options,
+                        shard_rows=16)
+    return store.open_dataset(uri, s3.options)
+
+
+def test_training_batches_are_normalised_per_feature(ray_session, s3, scaled) -> None:
+    cfg = ExperimentConfig()  # data.normalize defaults to True; pre-training hides nothing
+    assert cfg.data.normalize
+    assert min(scaled.normalization["audio"]["std"]) > 100  # the raw audio really is x1000
+    got = _collect(pipeline.pretrain_datasets(scaled, cfg, s3.options)["train"])
+    for m in MODALITIES:
+        valid = got[f"{m}_mask"]  # missing rate 0: the mask is every valid frame
+        x = got[m][valid].astype(np.float64)
+        np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=1e-4, err_msg=m)
+        np.testing.assert_allclose(x.std(axis=0), 1.0, atol=1e-4, err_msg=m)
+        assert (got[m][~valid] == 0.0).all(), m  # padding exactly zero
+
+
+def test_normalize_false_gives_raw_values(ray_session, s3, scaled) -> None:
+    cfg = ExperimentConfig(data=DataConfig(normalize=False))
+    got = _by_index(
+        _collect(pipeline.pretrain_datasets(scaled, cfg, s3.options)["valid"]),
+        store.read_split(scaled, "valid", s3.options)["id"],
+    )
+    raw = store.read_split(scaled, "valid", s3.options)
+    for m in MODALITIES:
+        np.testing.assert_array_equal(got[m], raw[m], err_msg=m)
+
+
+def test_store_without_statistics_is_a_clear_error(ray_session, s3, scaled) -> None:
+    """A store written before statistics existed: refused on the driver, before any task."""
+    old = store.Manifest(**{**vars(scaled), "normalization": {}})
+    with pytest.raises(DataError, match="re-run `sslmm data synth`.*data.normalize=false"):
+        pipeline.split_dataset(old, "train", ProtocolSpec(), s3.options)
+    pipeline.split_dataset(old, "train", ProtocolSpec(), s3.options, normalize=False)

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sslmm_ray import storage
-from sslmm_ray.data import store, synth
+from sslmm_ray.data import normalize, store, synth
+from sslmm_ray.data.normalize import valid_frames
 from sslmm_ray.data.sources import MODALITIES, DataError, RawDataset
 from sslmm_ray.storage import StorageError, StorageOptions
 
@@ -209,6 +210,10 @@ def test_local_shard_checks_name_the_file(tmp_path: Path, raw) -> None:
     data = json.loads(pristine)
     data["modalities"]["audio"]["dim"] += 1
     mpath.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"normalization\['audio'\] must have 6 values"):
+        store.open_dataset(uri)  # the manifest's own statistics disagree first
+    del data["normalization"]
+    mpath.write_text(json.dumps(data))
     with pytest.raises(DataError, match=f"{shard.path}: column 'audio' has type"):
         store.open_dataset(uri)
     # counts that do not add up
@@ -264,3 +269,107 @@ def test_describe_fields(tmp_path: Path, raw) -> None:
         assert s["label"]["positive"] + s["label"]["negative"] + s["label"]["zero"] == s["count"]
         assert s["label"]["min"] == pytest.approx(float(labels.min()))
         assert s["lengths"]["text"]["max"] == int(arrays["text_len"].max())
+
+
+def _naive_statistics(arrays: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Mean and std over the valid frames, in float64, with a full copy (fine for tiny data)."""
+    out = {}
+    for m in MODALITIES:
+        valid = valid_frames(arrays[f"{m}_len"], arrays[m].shape[1])
+        x = arrays[m][valid].astype(np.float64)
+        out[m] = (x.mean(axis=0), x.std(axis=0))
+    return out
+
+
+def _scale_valid_frames(arrays: dict, m: str, factor: float, offset: float) -> None:
+    """x -> factor * x + offset on valid frames only (padding stays zero)."""
+    valid = valid_frames(arrays[f"{m}_len"], arrays[m].shape[1])
+    arrays[m][valid] = arrays[m][valid] * factor + offset
+
+
+def test_normalization_statistics_come_from_train_only(tmp_path: Path, raw: RawDataset) -> None:
+    base = _copy(raw)
+    valid = valid_frames(base.splits["train"]["text_len"], base.splits["train"]["text"].shape[1])
+    base.splits["train"]["text"][valid, 0] = 5.0  # a feature constant over valid train frames
+    stats = store.write_dataset(base, str(tmp_path / "a"), shard_rows=16).normalization
+    want = _naive_statistics(base.splits["train"])
+    for m in MODALITIES:
+        mean, std = want[m]
+        np.testing.assert_allclose(stats[m]["mean"], mean, rtol=1e-9, atol=1e-9, err_msg=m)
+        std = np.where(std < 1e-6, 1.0, std)
+        np.testing.assert_allclose(stats[m]["std"], std, rtol=1e-9, err_msg=m)
+    assert stats["text"]["mean"][0] == 5.0 and stats["text"]["std"][0] == 1.0  # floored
+
+    other = _copy(base)  # valid and test values change a lot: the statistics do not move
+    for split in ("valid", "test"):
+        for m in MODALITIES:
+            _scale_valid_frames(other.splits[split], m, 100.0, 7.0)
+    assert store.write_dataset(other, str(tmp_path / "b")).normalization == stats
+
+    moved = _copy(base)  # train values change: they do
+    _scale_valid_frames(moved.splits["train"], "audio", 3.0, 1.0)
+    got = store.write_dataset(moved, str(tmp_path / "c")).normalization
+    np.testing.assert_allclose(got["audio"]["std"], np.array(stats["audio"]["std"]) * 3, rtol=1e-6)
+    np.testing.assert_allclose(
+        got["audio"]["mean"], np.array(stats["audio"]["mean"]) * 3 + 1, rtol=1e-6
+    )
+    assert got["text"] == stats["text"] and got["vision"] == stats["vision"]
+    # what was written is what a reader gets back
+    assert store.open_dataset(str(tmp_path / "c")).normalization == got
+
+
+def test_statistics_merge_across_chunks(monkeypatch, raw: RawDataset) -> None:
+    """Chunked merging equals one chunk, even where sums of x and x^2 would cancel."""
+    arrays = _copy(raw).splits["train"]
+    _scale_valid_frames(arrays, "vision", 1.0, 1e6)  # mean 1e6, std ~1
+    whole = normalize.train_statistics(arrays)
+    monkeypatch.setattr(normalize, "CHUNK_VALUES", 1)  # one row per chunk
+    chunked = normalize.train_statistics(arrays)
+    for m in MODALITIES:
+        for k in ("mean", "std"):
+            np.testing.assert_allclose(chunked[m][k], whole[m][k], rtol=1e-9, err_msg=(m, k))
+    _, std = _naive_statistics(arrays)["vision"]
+    np.testing.assert_allclose(chunked["vision"]["std"], std, rtol=1e-6)
+
+
+def test_decode_normalises_valid_frames_and_keeps_padding_zero(tmp_path: Path, raw) -> None:
+    scaled = _copy(raw)
+    for split in scaled.splits.values():  # scales and offsets orders of magnitude apart
+        _scale_valid_frames(split, "audio", 1000.0, 0.0)
+        _scale_valid_frames(split, "vision", 0.01, 5.0)
+    manifest = store.write_dataset(scaled, str(tmp_path / "ds"), shard_rows=16)
+    norm = normalize.normalizer_for(manifest, True)
+    train = store.read_split(manifest, "train", norm=norm)
+    for m in MODALITIES:
+        valid = valid_frames(train[f"{m}_len"], train[m].shape[1])
+        x = train[m][valid].astype(np.float64)
+        np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=1e-4, err_msg=m)
+        np.testing.assert_allclose(x.std(axis=0), 1.0, atol=1e-4, err_msg=m)
+        assert (train[m][~valid] == 0.0).all(), m  # padding exactly zero
+        assert train[m].dtype == np.float32
+    test = store.read_split(manifest, "test", norm=norm)
+    assert np.abs(test["audio"]).max() < 50  # test uses train's statistics: same scale
+    _assert_same(store.read_split(manifest, "test"), scaled.splits["test"])  # raw: unchanged
+    assert normalize.normalizer_for(manifest, False) is None
+
+
+def test_old_manifest_without_statistics_opens_but_cannot_normalise(tmp_path: Path, raw) -> None:
+    uri = str(tmp_path / "ds")
+    store.write_dataset(raw, uri, shard_rows=32)
+    mpath = Path(uri) / store.MANIFEST
+    data = json.loads(mpath.read_text())
+    assert set(data["normalization"]) == set(MODALITIES)
+    bad = json.loads(mpath.read_text())
+    bad["normalization"]["audio"]["std"] = bad["normalization"]["audio"]["std"][:-1]
+    mpath.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=r"normalization\['audio'\] must have 5 values"):
+        store.open_dataset(uri)
+    del data["normalization"]  # as written before statistics existed
+    mpath.write_text(json.dumps(data))
+    manifest = store.open_dataset(uri, verify=True)
+    assert manifest.normalization == {}
+    assert store.describe(manifest)["normalization"] is None
+    _assert_same(store.read_split(manifest, "valid"), raw.splits["valid"])
+    assert normalize.normalizer_for(manifest, False) is None
+    with pytest.raises(DataError, match="no normalisation statistics.*data.normalize=false"):
+        normalize.normalizer_for(manifest, True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 from sslmm_ray import config as config_mod
 from sslmm_ray import storage
 from sslmm_ray.data import store, synth
+from sslmm_ray.data.sources import DataError
 from sslmm_ray.train import checkpoint as ckpt
 from sslmm_ray.train import distributed
 from sslmm_ray.train.evaluate import evaluate_checkpoint
@@ -86,6 +88,7 @@ def test_pretrain_finetune_evaluate_on_s3(ray_cluster, s3):
     # fine-tuning really started from the pre-training weights' architecture and protocol
     saved = storage.read_json(storage.join(ft_dir, "config.json"), s3.options)
     assert saved["finetune"]["pretrained"] == pre_dir
+    assert ckpt.load(ft.checkpoint, s3.options)[0].normalize  # trained on normalised features
     again = evaluate_checkpoint(ft_dir, data_uri, s3.options)
     assert again == pytest.approx(ft.test, abs=1e-6)
 
@@ -102,6 +105,10 @@ def test_pretrained_protocol_mismatch_is_refused(ray_cluster, local_data, tmp_pa
                           "finetune.missing_rate=0.0")
         with pytest.raises(config_mod.ConfigError, match=f"{ablation.split('=')[0]}="):
             run_stage("finetune", cfg, str(tmp_path / "ft-ablation"))
+    cfg = tiny_config(local_data, "data.normalize=false", f"finetune.pretrained={pre_dir}",
+                      "finetune.missing_rate=0.0")
+    with pytest.raises(ckpt.CheckpointError, match="data.normalize=True"):
+        run_stage("finetune", cfg, str(tmp_path / "ft"))
 
 
 def _finetune_cli(data: str, run_dir: str, epochs: int) -> list[str]:
@@ -249,6 +256,19 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(ray_cluster, loca
     with pytest.raises(ckpt.CheckpointError, match="neither a checkpoint"):
         evaluate_checkpoint(str(tmp_path / "nothing-here"), local_data)
 
+    # a normalised model on a store without statistics (written by an older version)
+    from sslmm_ray.train.predict import predict
+
+    old = tmp_path / "old-store"
+    shutil.copytree(local_data, old)
+    manifest = json.loads((old / store.MANIFEST).read_text())
+    del manifest["normalization"]
+    (old / store.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="no normalisation statistics"):
+        evaluate_checkpoint(str(run_dir), str(old))
+    with pytest.raises(DataError, match="no normalisation statistics"):
+        predict(str(run_dir), str(old), str(tmp_path / "pred-old"))
+
     other = str(tmp_path / "unaligned")
     store.write_dataset(synth.generate("mosi", scale=0.05, aligned=False, seed=1), other)
     with pytest.raises(ckpt.CheckpointError, match="trained on dims"):
@@ -297,3 +317,14 @@ def test_predict_and_robustness_curve(ray_cluster, local_data, tmp_path):
     # no missing data is the curve's first point and equals a plain evaluation
     plain = evaluate_checkpoint(run_dir, local_data, missing_rate=0.0)
     assert curve["points"][0]["Non0_acc_2"] == pytest.approx(plain["Non0_acc_2"])
+
+
+def test_checkpoint_meta_records_normalisation(tmp_path):
+    meta = ckpt.CheckpointMeta(stage="finetune", epoch=0, metrics={}, model={}, dims={},
+                               lengths={}, dataset="mosi", normalize=True)
+    ckpt.save(tmp_path, meta, {"model": {}})
+    assert ckpt.load_dir(tmp_path)[0].normalize is True
+    raw = json.loads((tmp_path / ckpt.META).read_text())
+    del raw["normalize"]  # a checkpoint written before the field existed saw raw features
+    (tmp_path / ckpt.META).write_text(json.dumps(raw))
+    assert ckpt.load_dir(tmp_path)[0].normalize is False

@@ -31,6 +31,7 @@ import torch
 
 from sslmm_ray import ray_env, storage
 from sslmm_ray.data import pipeline, protocols, store, synth
+from sslmm_ray.data.normalize import normalizer_for
 from sslmm_ray.storage import StorageOptions
 
 __all__ = ["run"]
@@ -107,8 +108,9 @@ def _decode_one_core(manifest: store.Manifest, spec: protocols.ProtocolSpec) -> 
     """Read + decode + protocols in this process, no Ray: what one core can feed at most."""
     t0 = time.perf_counter()
     rows = 0
+    norm = normalizer_for(manifest, True)  # as the streamed sources decode
     for table in store.iter_split_tables(manifest, "train"):
-        batch = protocols.apply(store.decode_table(table, manifest.modalities), spec)
+        batch = protocols.apply(store.decode_table(table, manifest.modalities, norm), spec)
         rows += len(batch["label"])
     return {"rows": rows, "samples_per_s": round(rows / (time.perf_counter() - t0), 1)}
 

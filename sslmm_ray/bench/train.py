@@ -20,6 +20,7 @@ import torch
 from sslmm_ray import config as config_mod
 from sslmm_ray import ray_env
 from sslmm_ray.data import pipeline, protocols, store, synth
+from sslmm_ray.data.normalize import normalizer_for
 from sslmm_ray.model import build_model, ema_update, finetune_loss, make_teacher
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train.runlog import RunLog
@@ -29,7 +30,8 @@ def _plain_loop(cfg: config_mod.ExperimentConfig, data_uri: str, epochs: int) ->
     """Samples/s of the same training step over in-memory tensors, one process."""
     manifest = store.open_dataset(data_uri)
     specs = pipeline.finetune_specs(manifest, cfg.finetune)
-    arrays = protocols.apply(store.read_split(manifest, "train"), specs["train"])
+    norm = normalizer_for(manifest, cfg.data.normalize)  # as the Ray side decodes
+    arrays = protocols.apply(store.read_split(manifest, "train", norm=norm), specs["train"])
     data = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     n = len(data["index"])
     torch.manual_seed(cfg.finetune.seed)

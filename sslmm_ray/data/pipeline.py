@@ -2,7 +2,8 @@
 
 ``read_parquet`` over one split's shards (explicit filesystem), a file-order shuffle that is
 reseeded every execution (so every epoch sees a new order), and ``map_batches`` that decodes
-rows and applies :mod:`sslmm_ray.data.protocols`. Training adds a local shuffle buffer in
+rows, normalises them with the manifest's train statistics (:mod:`sslmm_ray.data.normalize`)
+and applies :mod:`sslmm_ray.data.protocols`. Training adds a local shuffle buffer in
 ``iter_torch_batches``; there is no global shuffle barrier in the hot path.
 
 Why the V1 Parquet reader and one block per file: Ray 2.60's default (DataSourceV2) re-lists
@@ -27,6 +28,7 @@ from ray.data import DataContext, FileShuffleConfig
 from sslmm_ray import storage
 from sslmm_ray.config import ExperimentConfig, FinetuneConfig
 from sslmm_ray.data import protocols
+from sslmm_ray.data.normalize import Normalizer, normalizer_for
 from sslmm_ray.data.sources import DataError
 from sslmm_ray.data.store import Manifest, ModalitySpec, decode_table, iter_split_tables
 from sslmm_ray.storage import StorageOptions
@@ -41,9 +43,12 @@ VALID_SEED_OFFSET = 7919
 
 
 def _decode(
-    table: pa.Table, modalities: dict[str, ModalitySpec], spec: protocols.ProtocolSpec
+    table: pa.Table,
+    modalities: dict[str, ModalitySpec],
+    spec: protocols.ProtocolSpec,
+    norm: Normalizer | None = None,
 ) -> dict[str, np.ndarray]:
-    return protocols.apply(decode_table(table, modalities), spec)
+    return protocols.apply(decode_table(table, modalities, norm), spec)
 
 
 @contextmanager
@@ -68,11 +73,17 @@ def split_dataset(
     options: StorageOptions | None = None,
     *,
     shuffle_seed: int | None = None,
+    normalize: bool = True,
 ) -> ray.data.Dataset:
-    """One split as a Ray Dataset of model batches (docs/CONTRACTS.md)."""
+    """One split as a Ray Dataset of model batches (docs/CONTRACTS.md).
+
+    ``normalize``: standardise features with the manifest's train statistics, as the model
+    being fed was trained (``data.normalize``, or the checkpoint's ``normalize``).
+    """
     uris = manifest.shard_uris(split)
     if not uris:
         raise DataError(f"{manifest.uri}: split '{split}' has no shards")
+    norm = normalizer_for(manifest, normalize)  # fails here, on the driver, not in a task
     fs, _ = storage.resolve(manifest.uri, options)
     paths = [storage.resolve(u, options)[1] for u in uris]
     shuffle = None
@@ -86,7 +97,7 @@ def split_dataset(
         _decode,
         batch_format="pyarrow",
         batch_size=DECODE_BATCH_ROWS,
-        fn_kwargs={"modalities": manifest.modalities, "spec": spec},
+        fn_kwargs={"modalities": manifest.modalities, "spec": spec, "norm": norm},
     )
 
 
@@ -163,9 +174,11 @@ def finetune_datasets(
 ) -> dict[str, ray.data.Dataset]:
     specs = finetune_specs(manifest, cfg.finetune, options,
                            valid_label_ratio=cfg.data.valid_label_ratio)
-    seed, cache_mb = cfg.finetune.seed, cfg.data.cache_mb
-    train = split_dataset(manifest, "train", specs["train"], options, shuffle_seed=seed)
-    valid = split_dataset(manifest, "valid", specs["valid"], options)
+    seed, cache_mb, norm = cfg.finetune.seed, cfg.data.cache_mb, cfg.data.normalize
+    train = split_dataset(
+        manifest, "train", specs["train"], options, shuffle_seed=seed, normalize=norm
+    )
+    valid = split_dataset(manifest, "valid", specs["valid"], options, normalize=norm)
     return {
         "train": cached(train, manifest, "train", cache_mb, seed),
         "valid": cached(valid, manifest, "valid", cache_mb, None),
@@ -183,9 +196,9 @@ def pretrain_datasets(
         seed=pre.seed,
         labeled_keys=np.zeros(0, np.uint64),
     )
-    seed, cache_mb = pre.seed, cfg.data.cache_mb
-    train = split_dataset(manifest, "train", spec, options, shuffle_seed=seed)
-    valid = split_dataset(manifest, "valid", spec, options)
+    seed, cache_mb, norm = pre.seed, cfg.data.cache_mb, cfg.data.normalize
+    train = split_dataset(manifest, "train", spec, options, shuffle_seed=seed, normalize=norm)
+    valid = split_dataset(manifest, "valid", spec, options, normalize=norm)
     return {
         "train": cached(train, manifest, "train", cache_mb, seed),
         "valid": cached(valid, manifest, "valid", cache_mb, None),

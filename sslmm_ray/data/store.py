@@ -12,7 +12,9 @@ shard is closed and checksummed, so a reader never sees a half-written dataset: 
 manifest (pointing at old shards) or the new one. A write that fails removes its own folder and
 publishes nothing; an overwrite deletes the previous generation only after the new manifest is
 in place. Rows hold ``id``, ``split``, ``label`` and per modality the flattened ``(T, d)``
-features as a fixed-size list plus the valid length ``<m>_len``.
+features as a fixed-size list plus the valid length ``<m>_len``. The manifest also carries the
+training split's per-feature mean and std (:mod:`sslmm_ray.data.normalize`), which decoding
+applies when asked to.
 
 Reading trusts nothing it has not checked: the manifest's fields, then each shard's presence,
 size, Parquet footer, row count and column types against the manifest (``verify``: checksums).
@@ -37,6 +39,13 @@ import pyarrow.parquet as pq
 
 from sslmm_ray import storage
 from sslmm_ray.config import MODALITIES
+from sslmm_ray.data.normalize import (
+    Normalizer,
+    Statistics,
+    check_statistics,
+    normalize_features,
+    train_statistics,
+)
 from sslmm_ray.data.sources import SPLITS, DataError, RawDataset, validate_raw
 from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageError, StorageOptions
@@ -80,6 +89,8 @@ class Manifest:
     shards: list[ShardInfo]
     schema: str
     stats: dict[str, Any] = field(default_factory=dict)
+    # Train-split mean/std per modality and feature; {} in stores written before it existed.
+    normalization: Statistics = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     created: str = ""
 
@@ -124,6 +135,7 @@ class Manifest:
                 shards=[ShardInfo(**s) for s in data["shards"]],
                 schema=data["schema"],
                 stats=data.get("stats", {}),
+                normalization=data.get("normalization") or {},
                 format_version=int(data.get("format_version", 0)),
                 created=data.get("created", ""),
             )
@@ -147,6 +159,10 @@ class Manifest:
             if shard.split not in SPLITS:
                 raise DataError(f"{where}: shard {shard.path} has unknown split {shard.split!r}")
             rows[shard.split] = rows.get(shard.split, 0) + int(shard.rows)
+        if self.normalization:
+            problem = check_statistics(self.normalization, self.dims)
+            if problem:
+                raise DataError(f"{where}: {problem}")
         if rows != {k: v for k, v in self.counts.items() if v}:
             raise DataError(
                 f"{where}: shard rows per split {rows} do not add up to counts {self.counts}"
@@ -238,6 +254,7 @@ def write_dataset(
         raise UserError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     validate_raw(raw, deep=deep_check)
     storage.check_reachable(uri, options)
+    normalization = train_statistics(raw.splits["train"]) if "train" in raw.splits else {}
     previous = _previous_manifest(uri, options)
     modalities = {
         m: ModalitySpec(dim=d, length=t)
@@ -260,6 +277,7 @@ def write_dataset(
             shards=shards,
             schema=schema.to_string(show_schema_metadata=False),
             stats=dict(raw.stats),
+            normalization=normalization,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
         storage.write_json(storage.join(uri, MANIFEST), manifest.to_json(), options)
@@ -382,11 +400,16 @@ def _check_shard(
             )
 
 
-def decode_table(table: pa.Table, manifest_modalities: dict[str, ModalitySpec]) -> dict[str, Any]:
-    """Parquet rows -> numpy arrays of the RawDataset layout.
+def decode_table(
+    table: pa.Table,
+    manifest_modalities: dict[str, ModalitySpec],
+    norm: Normalizer | None = None,
+) -> dict[str, Any]:
+    """Parquet rows -> numpy arrays of the RawDataset layout, normalised when ``norm`` is given.
 
     Zero-copy for the features (and lengths) whenever a column is one chunk, which is how a
     Parquet row group or a Ray Data batch arrives; several chunks are concatenated once.
+    Every decode path goes through here, so every path normalises the same way.
     """
     n = table.num_rows
     out: dict[str, Any] = {
@@ -405,7 +428,7 @@ def decode_table(table: pa.Table, manifest_modalities: dict[str, ModalitySpec]) 
             )
         out[m] = flat.reshape(n, spec.length, spec.dim)
         out[f"{m}_len"] = _numeric(table.column(f"{m}_len"), np.int64)
-    return out
+    return normalize_features(out, norm)
 
 
 def _numeric(col: pa.ChunkedArray, dtype: type[np.generic]) -> np.ndarray:
@@ -413,13 +436,16 @@ def _numeric(col: pa.ChunkedArray, dtype: type[np.generic]) -> np.ndarray:
 
 
 def read_split(
-    manifest: Manifest, split: str, options: StorageOptions | None = None
+    manifest: Manifest,
+    split: str,
+    options: StorageOptions | None = None,
+    norm: Normalizer | None = None,
 ) -> dict[str, Any]:
-    """A whole split in memory (evaluation, inspection, small data)."""
+    """A whole split in memory (evaluation, inspection, small data); raw unless ``norm``."""
     tables = list(iter_split_tables(manifest, split, options))
     if not tables:
         raise DataError(f"{manifest.uri}: split '{split}' has no rows")
-    return decode_table(pa.concat_tables(tables), manifest.modalities)
+    return decode_table(pa.concat_tables(tables), manifest.modalities, norm)
 
 
 def iter_split_tables(
@@ -480,5 +506,16 @@ def describe(manifest: Manifest, options: StorageOptions | None = None) -> dict[
         "shards": len(manifest.shards),
         "bytes": sum(s.bytes for s in manifest.shards),
         "stats": manifest.stats,
+        "normalization": _normalization_summary(manifest.normalization),
         "splits": splits,
+    }
+
+
+def _normalization_summary(stats: Statistics) -> dict[str, Any] | None:
+    """Per modality the range of the train-split stds (None: no statistics stored)."""
+    if not stats:
+        return None
+    return {
+        m: {"features": len(s["std"]), "std_min": min(s["std"]), "std_max": max(s["std"])}
+        for m, s in stats.items()
     }

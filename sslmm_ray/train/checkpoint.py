@@ -42,6 +42,9 @@ class CheckpointMeta:
     lengths: dict[str, int]
     dataset: str
     protocol: dict[str, Any] = field(default_factory=dict)  # what the data hid in training
+    # Trained on features standardised with the store's train statistics (data.normalize).
+    # False when absent: checkpoints written before the field existed saw raw features.
+    normalize: bool = False
     format_version: int = FORMAT_VERSION
 
     @property

@@ -27,10 +27,10 @@ def _spec(meta: ckpt.CheckpointMeta, missing_rate, protocol, seed) -> protocols.
     )
 
 
-def _metrics(model, manifest, split, spec, options) -> dict[str, float]:
+def _metrics(model, manifest, split, spec, options, normalize: bool) -> dict[str, float]:
     from sslmm_ray.train.loop import predict
 
-    ds = pipeline.split_dataset(manifest, split, spec, options)
+    ds = pipeline.split_dataset(manifest, split, spec, options, normalize=normalize)
     preds, labels = predict(model, ds.iter_torch_batches(batch_size=256), torch.device("cpu"))
     return mmsa.compute_metrics(preds, labels, manifest.family)
 
@@ -54,7 +54,8 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """MMSA metrics of a checkpoint (or a run's best) on one split."""
     model, meta, manifest = _open(checkpoint_uri, data_uri, options)
-    return _metrics(model, manifest, split, _spec(meta, missing_rate, protocol, seed), options)
+    spec = _spec(meta, missing_rate, protocol, seed)
+    return _metrics(model, manifest, split, spec, options, meta.normalize)
 
 
 def robustness_curve(
@@ -76,7 +77,8 @@ def robustness_curve(
     points = []
     for rate in rates:
         spec = _spec(meta, rate, protocol, seed)
-        points.append({"missing_rate": rate, **_metrics(model, manifest, split, spec, options)})
+        got = _metrics(model, manifest, split, spec, options, meta.normalize)
+        points.append({"missing_rate": rate, **got})
     result = {
         "checkpoint": checkpoint_uri,
         "data": data_uri,

@@ -236,6 +236,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     lengths=dict(lengths),
                     dataset=loop_config["dataset"],
                     protocol=_protocol_of(cfg, stage),
+                    normalize=cfg.data.normalize,
                 )
                 # "model" is what inference uses: the EMA teacher when there is one.
                 state = {

@@ -18,6 +18,7 @@ import torch
 from sslmm_ray import storage
 from sslmm_ray.config import MODALITIES
 from sslmm_ray.data import protocols, store
+from sslmm_ray.data.normalize import Normalizer, normalizer_for
 from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
@@ -34,15 +35,17 @@ class Predictor:
         options: StorageOptions | None,
         modalities: dict[str, store.ModalitySpec],
         spec: protocols.ProtocolSpec,
+        norm: Normalizer | None = None,
     ) -> None:
         torch.set_num_threads(1)
         self.model, _ = ckpt.load_model(checkpoint_uri, options)
         self.modalities = modalities
         self.spec = spec
+        self.norm = norm  # as the checkpoint was trained (meta.normalize)
 
     @torch.no_grad()
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        arrays = store.decode_table(table, self.modalities)
+        arrays = store.decode_table(table, self.modalities, self.norm)
         batch = protocols.apply(arrays, self.spec)
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
         pred = self.model(tensors).pred.float().numpy()
@@ -88,6 +91,7 @@ def predict(
             "options": options,
             "modalities": manifest.modalities,
             "spec": spec,
+            "norm": normalizer_for(manifest, meta.normalize),
         },
         batch_format="pyarrow",
         batch_size=128,

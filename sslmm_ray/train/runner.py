@@ -68,6 +68,11 @@ def _with_pretrained_model(
             f"{wanted}: modalities hidden now were visible in pre-training. Pre-train with "
             "the same --missing-rate, --protocol and --seed."
         )
+    if meta.normalize != cfg.data.normalize:
+        raise ckpt.CheckpointError(
+            f"--pretrained {uri} was trained with data.normalize={meta.normalize}, but "
+            f"fine-tuning has data.normalize={cfg.data.normalize}: use the same setting"
+        )
     data = cfg.to_dict()
     data["model"] = _model_of_checkpoint(cfg.model, meta.model, uri)
     return from_dict(data, f"model config of {uri}"), uri
