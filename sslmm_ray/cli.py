@@ -340,6 +340,10 @@ def evaluate(
     curve: Annotated[bool, typer.Option(
         "--curve", help="Evaluate test missing rates 0.0 to 0.9: JSON + PNG robustness curve.")
     ] = False,
+    pseudo: Annotated[bool, typer.Option(
+        "--pseudo-labels", help="Offline diagnostic of a fine-tuning run directory: sign "
+        "accuracy of its pseudo-labels against the withheld training labels (never fed back)."
+    )] = False,
     curve_out: Annotated[str | None, typer.Option(
         "--out", help="Where --curve writes curve.json and curve.png (default: the checkpoint's "
                       "run directory, or ./curve).")] = None,
@@ -354,6 +358,11 @@ def evaluate(
     ray_env.init()
     options = StorageOptions.from_env(s3_endpoint)
     proto = protocol.value if protocol else None
+    if pseudo:
+        from sslmm_ray.train.diagnostics import pseudo_label_report
+
+        _emit(pseudo_label_report(checkpoint, options), as_json)
+        return
     if curve:
         if missing_rate is not None:
             raise UserError("--curve evaluates every missing rate; drop --missing-rate")

@@ -247,3 +247,8 @@ def test_bench_accuracy_digits_end_to_end(ray_cluster, monkeypatch, capsys) -> N
     for name in ("ridge", "logistic", "label_spreading"):
         assert cell["runs"][name][0]["Non0_acc_2"] > 0.7, name  # chance is 0.5
     assert cell["best_peer"] in peers.PEERS and "gain_vs_supervised_points" in cell
+    # the offline pseudo-label diagnostic scored the sslmm run against the withheld labels
+    (diag,) = cell["pseudo_labels"]
+    assert diag["unlabeled"] == 1078 - round(0.5 * 537) - round(0.5 * 541)  # per sign stratum
+    assert 0.0 <= diag["pseudo_label_fraction"] <= 1.0
+    assert 0.0 <= diag["sign_accuracy_all"] <= 1.0

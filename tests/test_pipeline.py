@@ -98,14 +98,26 @@ def test_file_order_shuffles_per_epoch(ray_session, s3, raw, remote) -> None:
     assert orders[0] != orders[1], "file order must change between epochs"
 
 
-def test_finetune_datasets_withhold_train_labels_only(ray_session, s3, raw, remote) -> None:
+def test_finetune_datasets_withhold_train_and_valid_labels(ray_session, s3, raw, remote) -> None:
     cfg = ExperimentConfig(
         finetune=FinetuneConfig(label_ratio=0.25, missing_rate=0.4, protocol="frame", seed=1)
     )
     specs = pipeline.finetune_specs(remote, cfg.finetune, s3.options)
-    assert specs["valid"].labeled_keys is None and specs["test"].labeled_keys is None
-    n_train = raw.counts()["train"]
+    assert specs["test"].labeled_keys is None  # test keeps every label
+    n_train, n_valid = raw.counts()["train"], raw.counts()["valid"]
     assert abs(len(specs["train"].labeled_keys) - 0.25 * n_train) <= 3
+    # validation withholds at the training ratio by default, from its own stream of the seed
+    valid_keys = specs["valid"].labeled_keys
+    assert abs(len(valid_keys) - 0.25 * n_valid) <= 3
+    again = pipeline.finetune_specs(remote, cfg.finetune, s3.options)["valid"].labeled_keys
+    assert np.array_equal(valid_keys, again)
+    other_seed = FinetuneConfig(label_ratio=0.25, missing_rate=0.4, protocol="frame", seed=2)
+    moved = pipeline.finetune_specs(remote, other_seed, s3.options)["valid"].labeled_keys
+    assert not np.array_equal(valid_keys, moved)
+    full = pipeline.finetune_specs(remote, cfg.finetune, s3.options, valid_label_ratio=1.0)
+    assert full["valid"].labeled_keys is None
+    half = pipeline.finetune_specs(remote, cfg.finetune, s3.options, valid_label_ratio=0.5)
+    assert abs(len(half["valid"].labeled_keys) - 0.5 * n_valid) <= 3
     datasets = pipeline.finetune_datasets(remote, cfg, s3.options)
     train = _collect(datasets["train"])
     assert train["labeled"].sum() == len(specs["train"].labeled_keys)

@@ -121,6 +121,11 @@ def test_resume_after_driver_killed(ray_cluster, local_data, tmp_path):
     epochs = 3
     reference = run_stage("finetune", tiny_config(
         local_data, f"finetune.epochs={epochs}", "finetune.workers=1"), str(tmp_path / "ref"))
+    # finetune.selection (default MAE) picked the checkpoint; the searcher sees best-so-far
+    maes = [h["valid_MAE"] for h in reference.history]
+    assert reference.best["valid_MAE"] == min(maes)
+    assert [h["best_valid_MAE"] for h in reference.history] == list(np.minimum.accumulate(maes))
+    assert all(0.0 <= h["train_pseudo_label_fraction"] <= 1.0 for h in reference.history)
 
     run_dir = str(tmp_path / "killed")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,

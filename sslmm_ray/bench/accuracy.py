@@ -38,6 +38,7 @@ from sslmm_ray import ray_env
 from sslmm_ray.bench import peers as peers_mod
 from sslmm_ray.data import store
 from sslmm_ray.errors import UserError
+from sslmm_ray.train.diagnostics import pseudo_label_report
 
 #: Columns of the printed table (the JSON holds every metric a run reports).
 TABLE_METRICS = ("Non0_acc_2", "MAE")
@@ -220,17 +221,21 @@ def run(
         pretrained: dict[str, str] = {}
         for ratio, rate in cells:
             results: dict[str, list[dict[str, Any]]] = {n: [] for n in [*names, *peer_names]}
+            pseudo: list[dict[str, Any]] = []
             for seed in range(seeds):
                 cs = CellSeed(data_uri, root / f"rho{ratio}-r{rate}" / f"seed{seed}", ratio, rate,
                               seed, epochs, pretrain_epochs, workers, tuple(overrides),
                               pretrained)
                 for name in names:
                     results[name].append(cs.run_variant(name))
+                    if name == "sslmm":  # offline: scored against withheld labels, never fed back
+                        pseudo.append(pseudo_label_report(str(cs.root / name)))
                 if peer_names:
                     for name, metrics in cs.run_peers(peer_names).items():
                         results[name].append(metrics)
             out_cells.append(
-                {"label_ratio": ratio, "missing_rate": rate, **summarize(results), "runs": results}
+                {"label_ratio": ratio, "missing_rate": rate, **summarize(results), "runs": results,
+                 "pseudo_labels": pseudo}
             )
     setting: dict[str, Any] = {
         "dataset": dataset, "counts": manifest.counts, "dims": manifest.dims,
