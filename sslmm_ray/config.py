@@ -142,6 +142,10 @@ class FinetuneConfig(TrainingConfig):
     # conf = |mu| / (|mu| + std + kappa * half the label range): scale-free across data sets
     confidence_kappa: Annotated[float, Field(gt=0.0)] = 0.03
     loss: Literal["l1", "mse"] = "l1"  # supervised and pseudo-label regression loss
+    # Which input the student answers the pseudo-label from: the batch as the data has it, or
+    # the purposely degraded view (modalities dropped with drop_prob), FixMatch-style: the
+    # teacher labels what it sees, the student must reach it from fewer modalities.
+    pseudo_view: Literal["data", "dropped"] = "data"
     drop_prob: Prob = 0.3
     pseudo_labels: bool = True
     reconstruction: bool = True

@@ -238,3 +238,23 @@ def test_losses_deterministic_with_fixed_seed():
     for kind in ("pre", "fine"):
         (s1, g1), (s2, g2) = once(kind), once(kind)
         assert s1 == s2 and torch.equal(g1, g2)
+
+
+def test_pseudo_view_dropped_answers_from_the_degraded_view():
+    """FixMatch-style: the teacher labels the data, the student answers from fewer modalities;
+    with nothing dropped both choices are the same loss."""
+    student = make()
+    teacher = make_teacher(student)
+    b = batch(missing=0.0, label_ratio=0.25)
+
+    def pseudo(view: str, drop: float) -> float:
+        torch.manual_seed(0)
+        cfg = ft(pseudo_view=view, drop_prob=drop, reconstruction=False)
+        return finetune_loss(student.eval(), teacher, b, cfg, 1, _gen(5))[1]["pseudo"]
+
+    assert pseudo("dropped", 0.0) == pytest.approx(pseudo("data", 0.0), abs=1e-6)
+    assert pseudo("dropped", 0.9) != pytest.approx(pseudo("data", 0.9), abs=1e-6)
+    grads = grads_after(lambda: finetune_loss(
+        student.train(), teacher, b, ft(pseudo_view="dropped", reconstruction=False), 1,
+        _gen()), student)
+    assert all(grads[k] is None for k in grads if k.startswith("decoders."))

@@ -256,16 +256,30 @@ def finetune_loss(
     loss = sup
     stats = {"sup": float(sup.detach()), "labeled": float(labeled.sum())}
 
-    if cfg.pseudo_labels and teacher is not None:
-        unlabeled = (~labeled).nonzero().squeeze(1)
+    mu = conf = None
+    unlabeled = (~labeled).nonzero().squeeze(1)
+    use_pseudo = cfg.pseudo_labels and teacher is not None
+    if use_pseudo and unlabeled.numel():
+        sub = {k: v[unlabeled] for k, v in inputs.items()}
+        mu, conf = pseudo_labels(teacher, sub, cfg.views, cfg.view_mask_prob,
+                                 cfg.view_segment_prob, cfg.confidence_kappa, generator,
+                                 label_scale)
+
+    # The second, purposely degraded view: reconstruction's input and, with
+    # pseudo_view="dropped", the student's side of the pseudo-label term.
+    on_dropped = use_pseudo and cfg.pseudo_view == "dropped"
+    out_view = dropped = None
+    if reconstruct or on_dropped:
+        view, dropped = drop_modalities(inputs, cfg.drop_prob, generator)
+        if dropped.any() or on_dropped:
+            out_view = student(view)
+
+    if use_pseudo:
         weight = cfg.unlabeled_weight * rampup(epoch, cfg.rampup_epochs)
-        if unlabeled.numel():
-            sub = {k: v[unlabeled] for k, v in inputs.items()}
-            mu, conf = pseudo_labels(teacher, sub, cfg.views, cfg.view_mask_prob,
-                                     cfg.view_segment_prob, cfg.confidence_kappa, generator,
-                                     label_scale)
+        if mu is not None and conf is not None:
             keep = conf >= cfg.tau
-            pseudo = (_regression(out.pred[unlabeled], mu, cfg.loss) * keep).sum() / keep.numel()
+            student_pred = (out_view if on_dropped else out).pred[unlabeled]
+            pseudo = (_regression(student_pred, mu, cfg.loss) * keep).sum() / keep.numel()
             stats.update(pseudo_label_fraction=float(keep.float().mean()),
                          confidence=float(conf.mean()))
         else:
@@ -275,12 +289,12 @@ def finetune_loss(
         stats.update(pseudo=float(pseudo.detach()), unlabeled_weight=weight)
 
     if reconstruct:
-        view, dropped = drop_modalities(inputs, cfg.drop_prob, generator)
-        if dropped.any():
+        assert dropped is not None
+        if dropped.any() and out_view is not None:
             targets, segment_valid = net.segment_targets(inputs)
             select = {m: segment_valid[m] & dropped[:, i : i + 1]
                       for i, m in enumerate(net.modalities)}
-            rec = _reconstruction(student(view), targets, select)
+            rec = _reconstruction(out_view, targets, select)
         else:
             rec = out.pred.sum() * 0.0
         loss = loss + cfg.lambda_rec * rec
