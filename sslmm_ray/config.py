@@ -108,6 +108,10 @@ class TrainingConfig:
 class PretrainConfig(TrainingConfig):
     """Self-supervised stage: masked reconstruction plus a cross-modal contrastive term."""
 
+    # 10 -> 20 epochs: +3.1 points Non0_acc_2 on the digits benchmark's harder cell (label ratio
+    # 0.1, missing 0.5, no pseudo-labels, seed 0: 0.736 -> 0.767); it reads no label, and one
+    # run serves every label ratio of a missing rate.
+    epochs: PosInt = 20
     mask_modality_prob: Prob = 0.3
     mask_segment_prob: Prob = 0.25
     recon_weight: NonNegFloat = 1.0
@@ -128,10 +132,17 @@ class PretrainConfig(TrainingConfig):
 class FinetuneConfig(TrainingConfig):
     """Semi-supervised stage: supervised + pseudo-label + reconstruction losses."""
 
+    # 10 epochs underfit real features (REAL-DATA-FINDINGS: 40 epochs took a held-out real
+    # set from 69.6 to 80.8); on digits (label ratio 0.5, missing 0.5, seed 0) 30 epochs gave
+    # 0.839 where 10 gave 0.794.
+    epochs: PosInt = 30
     label_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     missing_rate: OpenProb = 0.5
     protocol: Protocol = "modality"
-    tau: Prob = 0.8
+    # FixMatch's threshold. On digits (label ratio 0.1, missing 0.5, seed 0) the pseudo-labels
+    # kept at 0.8 were 18% wrong in sign (0.82 accurate on 24% of the unlabeled rows) and cost
+    # 2-4 points; 0.95 keeps only views that agree far from neutral.
+    tau: Prob = 0.95
     lambda_rec: NonNegFloat = 0.1
     unlabeled_weight: NonNegFloat = 1.0
     rampup_epochs: Annotated[int, Field(ge=0)] = 3
@@ -145,7 +156,9 @@ class FinetuneConfig(TrainingConfig):
     # Which input the student answers the pseudo-label from: the batch as the data has it, or
     # the purposely degraded view (modalities dropped with drop_prob), FixMatch-style: the
     # teacher labels what it sees, the student must reach it from fewer modalities.
-    pseudo_view: Literal["data", "dropped"] = "data"
+    # Measured on digits (label ratio 0.1, missing 0.5, 20 + 30 epochs, tau 0.8, seed 0): 0.725
+    # answering from the data, 0.753 from the dropped view.
+    pseudo_view: Literal["data", "dropped"] = "dropped"
     drop_prob: Prob = 0.3
     pseudo_labels: bool = True
     reconstruction: bool = True
