@@ -315,7 +315,8 @@ def test_predict_and_robustness_curve(ray_cluster, local_data, tmp_path):
         predict(run_dir, local_data, str(out))
 
     curve = robustness_curve(run_dir, local_data, str(tmp_path / "curve"))
-    assert [p["missing_rate"] for p in curve["points"]] == list(CURVE_RATES)
+    # the modality-level protocol reaches at most 2/3: the curve stops there, never caps
+    assert [p["missing_rate"] for p in curve["points"]] == [r for r in CURVE_RATES if r <= 2 / 3]
     assert (tmp_path / "curve" / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "curve" / "curve.json").read_text()) == json.loads(
         json.dumps(curve))
