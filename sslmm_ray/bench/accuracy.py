@@ -38,7 +38,6 @@ from sslmm_ray import ray_env
 from sslmm_ray.bench import peers as peers_mod
 from sslmm_ray.data import store
 from sslmm_ray.errors import UserError
-from sslmm_ray.train.diagnostics import pseudo_label_report
 
 #: Columns of the printed table (the JSON holds every metric a run reports).
 TABLE_METRICS = ("Non0_acc_2", "MAE")
@@ -229,6 +228,8 @@ def run(
                 for name in names:
                     results[name].append(cs.run_variant(name))
                     if name == "sslmm":  # offline: scored against withheld labels, never fed back
+                        from sslmm_ray.train.diagnostics import pseudo_label_report
+
                         pseudo.append(pseudo_label_report(str(cs.root / name)))
                 if peer_names:
                     for name, metrics in cs.run_peers(peer_names).items():
