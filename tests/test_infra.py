@@ -4,7 +4,10 @@
 - infra/k8s/ manifests are ray.io/v1 with autoscaler v2, bounded worker groups and one image
   (built from infra/k8s/Dockerfile, tagged with the package version) everywhere;
 - every entry point a manifest or runtime_env names resolves to a real ``sslmm`` subcommand
-  and only uses options that subcommand has: a command that does not exist fails here.
+  and only uses options that subcommand has: a command that does not exist fails here;
+- every cluster requires Ray's token (RAY_AUTH_MODE=token, the token from SSM or a Kubernetes
+  Secret, never a literal), the AWS dashboard listens on loopback only, and a NetworkPolicy
+  admits only each KubeRay cluster's own pods to it.
 """
 
 from __future__ import annotations
@@ -331,3 +334,256 @@ def test_local_scripts_are_executable_bash(script):
     subprocess.run(["bash", "-n", path], check=True, timeout=30)
     text = path.read_text()
     assert "pkill" not in text and "killall" not in text  # only recorded pids
+
+
+# ---------------------------------------------------------------------- access: token auth, reach
+#
+# Anyone who reaches the job API runs code with the head's cloud role: every cluster definition
+# must require Ray's token (RAY_AUTH_MODE=token; the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
+# or ~/.ray/auth_token, in that order) taken from a secret store, and keep the dashboard off the
+# network (loopback on AWS, a NetworkPolicy on Kubernetes).
+
+NETPOL = "networkpolicy.yaml"
+TOKEN_KEY = "auth_token"  # the Secret key KubeRay's authOptions.secretName requires
+JOB_API_PORT = 8265
+INSTANCE = "app.kubernetes.io/instance"
+JOB_NAME = "batch.kubernetes.io/job-name"  # set by Kubernetes on a Job's pods
+
+
+def ray_default_token_file() -> str:
+    """Ray's own default token path (~/.ray/auth_token), as a path under ``~``."""
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    return "~/" + str(_get_default_token_path().relative_to(Path.home()))
+
+
+def check_aws_access(config: dict) -> None:
+    region = config["provider"]["region"]
+    token_file = ray_default_token_file()
+    # Interactive shells in the container (`ray exec ... "ray status"`) are in token mode too.
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"], "container env"
+    text = yaml.safe_dump(config)
+    assert not re.search(r"RAY_AUTH_TOKEN\s*=", text), "a literal token in the cluster config"
+    # Every node type can run the AWS CLI before Ray starts (setup runs before start commands).
+    types = config["available_node_types"]
+    setups = {"head": config["setup_commands"] + config["head_setup_commands"],
+              **{n: types[n].get("worker_setup_commands", config["worker_setup_commands"])
+                 for n in types if n != config["head_node_type"]}}
+    for name, commands in setups.items():
+        assert any(re.search(r"pip install .*\bawscli\b", c) for c in commands), name
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        commands = config[key]
+        (start,) = [i for i, c in enumerate(commands) if re.search(r"\bray start\b", c)]
+        fetches = [i for i, c in enumerate(commands) if "aws ssm get-parameter" in c]
+        assert len(fetches) == 1 and fetches[0] < start, f"{key}: token not fetched before start"
+        fetch = commands[fetches[0]]
+        assert re.search(rf"--region {re.escape(region)}\b", fetch), fetch
+        assert re.search(r"--name /\S+", fetch) and "--with-decryption" in fetch, fetch
+        assert "umask 077" in fetch, "the token file must be private"
+        # Written where Ray looks by default; an empty fetch must fail the start.
+        assert re.search(rf"(?:>|mv \S+) {re.escape(token_file)}$", fetch), fetch
+        assert "test -s" in fetch, fetch
+        assert re.search(r"\bexport RAY_AUTH_MODE=token;", commands[start]), commands[start]
+        hosts = re.findall(r"--dashboard-host[= ](\S+)", commands[start])
+        if key == "head_start_ray_commands":
+            assert hosts == ["127.0.0.1"], f"dashboard not on loopback: {commands[start]}"
+        else:
+            assert not hosts  # workers run no dashboard
+
+
+def test_aws_cluster_requires_the_token_from_ssm_and_keeps_the_dashboard_on_loopback():
+    check_aws_access(aws_config())
+
+
+def test_aws_access_check_is_not_vacuous():
+    def broken(edit) -> dict:
+        config = aws_config()
+        edit(config)
+        return config
+
+    def head_start(config: dict) -> list[str]:
+        return config["head_start_ray_commands"]
+
+    mutations = {
+        "dashboard on all interfaces": lambda c: head_start(c).__setitem__(
+            -1, head_start(c)[-1].replace("127.0.0.1", "0.0.0.0")),
+        "no token mode": lambda c: head_start(c).__setitem__(
+            -1, head_start(c)[-1].replace("export RAY_AUTH_MODE=token;", "")),
+        "no fetch": lambda c: head_start(c).pop(1),
+        "fetch after start": lambda c: head_start(c).append(head_start(c).pop(1)),
+        "literal token": lambda c: c["worker_start_ray_commands"].__setitem__(
+            -1, "RAY_AUTH_TOKEN=abc " + c["worker_start_ray_commands"][-1]),
+        "token file elsewhere": lambda c: head_start(c).__setitem__(
+            1, head_start(c)[1].replace(".new ~/.ray/auth_token", ".new /tmp/token")),
+        "no aws cli on a worker type": lambda c: c["available_node_types"]["worker.cpu"][
+            "worker_setup_commands"].pop(1),
+        "no token mode in the container": lambda c: c["docker"]["run_options"].pop(),
+    }
+    for name, edit in mutations.items():
+        with pytest.raises((AssertionError, ValueError)):
+            check_aws_access(broken(edit))
+            pytest.fail(f"not caught: {name}")  # pragma: no cover
+
+
+def check_k8s_token_auth(spec: dict) -> None:
+    auth = spec["authOptions"]
+    assert auth["mode"] == "token" and not auth.get("enableK8sTokenAuth")
+    secret = auth["secretName"]  # our Secret: KubeRay then injects it into its own containers
+    for c in containers(spec):
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["RAY_AUTH_MODE"].get("value") == "token", c["name"]
+        token = env["RAY_AUTH_TOKEN"]
+        assert "value" not in token, f"{c['name']}: literal token"
+        assert token["valueFrom"] == {"secretKeyRef": {"name": secret, "key": TOKEN_KEY}}
+
+
+def cluster_specs() -> dict[str, tuple[dict, str | None]]:
+    """name -> (RayCluster spec, RayJob name or None), for every KubeRay definition here."""
+    (cluster,) = [d for d in k8s_docs("raycluster.yaml") if d["kind"] == "RayCluster"]
+    (job,) = k8s_docs("rayjob-sweep.yaml")
+    return {"raycluster.yaml": (cluster["spec"], None),
+            "rayjob-sweep.yaml": (job["spec"]["rayClusterSpec"], job["metadata"]["name"])}
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-sweep.yaml"])
+def test_k8s_clusters_require_the_token_from_a_secret(name):
+    spec, _ = cluster_specs()[name]
+    check_k8s_token_auth(spec)
+
+
+def test_k8s_token_check_is_not_vacuous():
+    spec, _ = cluster_specs()["raycluster.yaml"]
+    literal = copy.deepcopy(spec)
+    worker_env = literal["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+    for e in worker_env:
+        if e["name"] == "RAY_AUTH_TOKEN":
+            e.pop("valueFrom")
+            e["value"] = "not-a-secret"
+    other_secret = copy.deepcopy(spec)
+    other_secret["authOptions"]["secretName"] = "some-other-secret"
+    no_mode = copy.deepcopy(spec)
+    no_mode["headGroupSpec"]["template"]["spec"]["containers"][0]["env"] = [
+        e for e in no_mode["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] != "RAY_AUTH_MODE"]
+    disabled = copy.deepcopy(spec)
+    disabled["authOptions"]["mode"] = "disabled"
+    for bad in (literal, other_secret, no_mode, disabled):
+        with pytest.raises((AssertionError, KeyError)):
+            check_k8s_token_auth(bad)
+
+
+def test_no_secret_objects_in_the_repository():
+    """The token Secret is created by the operator of the cluster, never committed."""
+    for path in K8S.glob("*.yaml"):
+        assert all(d.get("kind") != "Secret" for d in k8s_docs(path.name)), path
+
+
+def pod_labels(group: dict, node_type: str) -> dict[str, str]:
+    """The labels a KubeRay pod of this group gets that matter here (template's + node type)."""
+    return {**group["template"].get("metadata", {}).get("labels", {}),
+            "ray.io/node-type": node_type}
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are used: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def check_network_policy(policy: dict, spec: dict, job_name: str | None) -> None:
+    """The policy selects the cluster's head (and workers) and admits only the cluster's own
+    pods; a RayJob's submitter pods may reach the job API and nothing else."""
+    head = pod_labels(spec["headGroupSpec"], "head")
+    workers = [pod_labels(g, "worker") for g in spec["workerGroupSpecs"]]
+    instance = head[INSTANCE]
+    assert all(w.get(INSTANCE) == instance for w in workers), "workers outside the policy"
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    pspec = policy["spec"]
+    assert pspec["podSelector"].get("matchLabels"), "an empty podSelector selects every pod"
+    assert selects(pspec["podSelector"], head), "the policy does not select the head"
+    assert all(selects(pspec["podSelector"], w) for w in workers)
+    assert "Ingress" in pspec["policyTypes"], "ingress is not restricted"
+    assert pspec.get("ingress"), "no ingress rule: nothing could reach the head"
+    own = {INSTANCE: instance}
+    for rule in pspec["ingress"]:
+        assert rule.get("from"), "a rule without 'from' admits every source"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, f"a peer outside the cluster's pods: {peer}"
+            match = peer["podSelector"].get("matchLabels")
+            if match == own:
+                continue  # the cluster's own pods, on every port Ray uses
+            assert job_name and match == {JOB_NAME: job_name}, f"foreign pods admitted: {peer}"
+            assert rule.get("ports") == [{"protocol": "TCP", "port": JOB_API_PORT}], rule
+
+
+def network_policies() -> list[dict]:
+    return [d for d in k8s_docs(NETPOL) if d["kind"] == "NetworkPolicy"]
+
+
+def policy_for(spec: dict) -> dict:
+    head = pod_labels(spec["headGroupSpec"], "head")
+    found = [p for p in network_policies() if selects(p["spec"]["podSelector"], head)]
+    assert len(found) == 1, f"{len(found)} NetworkPolicies select this head"
+    return found[0]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-sweep.yaml"])
+def test_network_policy_admits_only_the_clusters_own_pods(name):
+    spec, job_name = cluster_specs()[name]
+    # The dashboard listens on all pod interfaces (the head Service needs it): acceptable only
+    # because this policy restricts who reaches it.
+    check_network_policy(policy_for(spec), spec, job_name)
+
+
+def test_clusters_have_distinct_instance_labels():
+    """Otherwise one cluster's pods would count as the other's own."""
+    labels = [pod_labels(spec["headGroupSpec"], "head")[INSTANCE]
+              for spec, _ in cluster_specs().values()]
+    assert len(set(labels)) == len(labels)
+
+
+def test_network_policy_check_is_not_vacuous():
+    spec, job_name = cluster_specs()["rayjob-sweep.yaml"]
+    good = policy_for(spec)
+
+    def broken(edit) -> dict:
+        policy = copy.deepcopy(good)
+        edit(policy["spec"])
+        return policy
+
+    # The commented operator rule is valid YAML and, once enabled, is not in-cluster traffic.
+    text = (K8S / NETPOL).read_text().split("name: sslmm-sweep", 1)[1]
+    opt_in = "\n".join(line.replace("# ", "", 1) for line in text.splitlines()
+                       if re.match(r"    # [- ]", line))  # YAML lines, not the prose above
+    operator_rule = yaml.safe_load(opt_in)
+    assert operator_rule[0]["from"][0]["namespaceSelector"]
+    assert operator_rule[0]["ports"] == [{"protocol": "TCP", "port": JOB_API_PORT}]
+    mutations = [
+        lambda s: s["ingress"].extend(operator_rule),
+        lambda s: s["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
+        lambda s: s["ingress"].append({"ports": [{"protocol": "TCP", "port": 8265}]}),
+        lambda s: s["ingress"][0]["from"].append({"podSelector": {}}),
+        lambda s: s["ingress"][0]["from"][0].update(namespaceSelector={}),
+        lambda s: s["ingress"][1].pop("ports"),
+        lambda s: s.update(podSelector={"matchLabels": {INSTANCE: "someone-else"}}),
+        lambda s: s.update(podSelector={}),
+        lambda s: s.update(policyTypes=["Egress"]),
+    ]
+    for edit in mutations:
+        with pytest.raises(AssertionError):
+            check_network_policy(broken(edit), spec, job_name)
+    with pytest.raises(AssertionError):  # the submitter rule is only for the RayJob's cluster
+        check_network_policy(good, spec, None)
+
+
+def test_local_cluster_requires_the_token_on_loopback():
+    text = (ROOT / "infra" / "local" / "up.sh").read_text()
+    start = text.index('"$VENV/bin/ray" start --head')
+    export = re.search(r"^export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=", text, re.M)
+    assert export and export.start() < start, "the head must start in token mode"
+    assert re.search(r"^HOST=127\.0\.0\.1$", text, re.M)
+    command = text[start:text.index("&\n", start)]
+    for flag in ("--node-ip-address", "--dashboard-host"):
+        assert f'{flag} "$HOST"' in command, flag
+    assert re.search(r"umask 077 && .*token_hex", text), "the token file must be private"
+    env_sh = text[text.index('cat > "$STATE/env.sh"'):]
+    assert "export RAY_AUTH_MODE=token" in env_sh and "RAY_AUTH_TOKEN_PATH=" in env_sh
