@@ -69,8 +69,11 @@ def load_pickle(path: str | Path, dataset: Dataset, *, aligned: bool | None = No
     ``aligned`` None detects it: aligned iff text, audio and vision share one padded length.
     """
     _preset(dataset)  # fail on a bad name before reading a large file
-    data = safe_pickle.load_local(path)
-    raw = from_mmsa_dict(data, dataset, aligned=aligned)
+    data = safe_pickle.load_local(path)  # its errors name the file already
+    try:
+        raw = from_mmsa_dict(data, dataset, aligned=aligned)
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from err
     raw.stats["file"] = Path(str(path)).name
     return raw
 
