@@ -290,9 +290,11 @@ _OPCODES = [ord(op.code) for op in pickletools.opcodes]
 _VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
     | st.binary(max_size=4)
-    | hnp.arrays(st.sampled_from([np.float32, np.int64, np.bool_, "U3", "S2", object]),
-                 hnp.array_shapes(max_dims=3, max_side=3),
-                 elements=None),
+    | hnp.arrays(st.sampled_from([np.float32, np.int64, np.bool_, "U3", "S2"]),
+                 hnp.array_shapes(min_dims=0, max_dims=3, max_side=3))
+    | hnp.arrays(object, hnp.array_shapes(min_dims=0, max_dims=3, max_side=3),
+                 elements=st.text(max_size=3) | st.integers() | st.none()
+                 | st.lists(st.integers(), max_size=2)),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3)
     | st.tuples(c, c),
     max_leaves=8,
@@ -380,3 +382,35 @@ def test_in_process_cases_raise_data_error_naming_the_file(tmp_path: Path) -> No
             load_pickle(path, "mosi")
         assert str(path) in str(info.value), name
         assert not marker.exists(), name
+
+
+def _state(dtype: Any, payload: bytes, shape: tuple[int, ...]) -> _Reduce:
+    """An array pickled as numpy does, with a payload of our choosing."""
+    return _Reduce(_reconstruct, (np.ndarray, (0,), b"b"),
+                   (1, shape, np.dtype(dtype), False, payload))
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [
+        (_state("<U1", b"\xff\xff\xff\xff" * 8, (8,)), "past U\\+10FFFF"),
+        (np.array([f"a{k}" for k in range(7)] + ["\ud800"], dtype=object), "not valid unicode"),
+        (np.array([10**5000] + list(range(7)), dtype=object), "64-bit int"),
+        (np.array([f"x{k}" * (k * 200 + 1) for k in range(8)], dtype=object), "1024"),
+        (np.array(["same"] * 8, dtype=object), "not unique"),
+        ({"a": 1}, "expected a numpy array, got dict"),
+    ],
+    ids=["bad_code_point", "lone_surrogate", "huge_int", "too_long", "duplicate", "dict"],
+)
+def test_hostile_ids_are_data_errors(tmp_path: Path, value: Any, pattern: str) -> None:
+    """Ids reach pyarrow and error messages: each must be a short, valid, unique string."""
+    path = tmp_path / "ids.pkl"
+    _edit(path, "train", "id", value)
+    with pytest.raises(DataError, match=pattern) as info:
+        load_pickle(path, "mosi")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bool_payload_other_than_0_and_1_is_refused() -> None:
+    with pytest.raises(DataError, match="bool array"):
+        safe_pickle.loads(pickle.dumps(_state(np.bool_, b"\x02", (1,))))

@@ -119,7 +119,9 @@ def _detect_aligned(split: Any) -> bool:
 
 def _keys(d: Mapping[Any, Any]) -> list[str]:
     """A bounded, printable list of ``d``'s keys for messages (keys come from the file)."""
-    keys = sorted(safe_pickle.brief(k) if not isinstance(k, str) else k[:40] for k in d)
+    keys = sorted(
+        k[:40] if isinstance(k, str) and k.isprintable() else safe_pickle.brief(k) for k in d
+    )
     return keys if len(keys) <= 20 else [*keys[:20], f"... {len(keys) - 20} more"]
 
 
@@ -211,10 +213,15 @@ def _ids(split: str, d: Mapping[str, Any]) -> np.ndarray:
         items = list(value)
     else:
         items = _as_array(split, "id", value, 1, None, kinds="OUSiu").tolist()
-    if not all(isinstance(x, _ID_TYPES) for x in items):
-        bad = next(x for x in items if not isinstance(x, _ID_TYPES))
-        raise _fail(split, "id", f"ids must be str or int, not {type(bad).__name__}")
+    for x in items:
+        if not isinstance(x, _ID_TYPES) or (isinstance(x, int) and not -(2**63) <= x < 2**64):
+            raise _fail(split, "id", f"ids must be str or 64-bit int, not {safe_pickle.brief(x)}")
     texts = [str(x) for x in items]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(split, "id", f"id {safe_pickle.brief(text)} is not valid unicode") from None
     if len(set(texts)) != len(texts):
         raise _fail(split, "id", "sample ids are not unique")
     longest = max(map(len, texts), default=0)

@@ -64,7 +64,10 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
 
 def brief(obj: Any) -> str:
     """A short repr of a value from an untrusted file: bounded in length, depth and cost."""
-    return _REPR.repr(obj)
+    try:
+        return _REPR.repr(obj)
+    except (ValueError, RecursionError):  # an int too long to print, say
+        return f"<{type(obj).__name__}>"
 
 
 class UnsafePickleError(pickle.UnpicklingError, DataError):
@@ -186,21 +189,20 @@ def _read_arg(f: IO[bytes], op: pickletools.OpcodeInfo, end: int, pos: int) -> t
     """The opcode's argument and payload size; counted payloads are skipped, not read."""
     if op.arg is None:
         return None, 0
-    n = op.arg.n
+    if op.arg.n in _LENGTH_PREFIX:
+        fmt, width = _LENGTH_PREFIX[op.arg.n]
+        raw = f.read(width)
+        if len(raw) != width:
+            raise UnsafePickleError(f"truncated pickle: {op.name} at byte {pos}")
+        length = int(struct.unpack(fmt, raw)[0])
+        if length < 0 or length > end - f.tell():
+            raise UnsafePickleError(
+                f"{op.name} at byte {pos} declares {length} bytes; the file has "
+                f"{max(end - f.tell(), 0)} left"
+            )
+        f.seek(length, os.SEEK_CUR)
+        return None, length
     try:
-        if n in _LENGTH_PREFIX:
-            fmt, width = _LENGTH_PREFIX[n]
-            raw = f.read(width)
-            if len(raw) != width:
-                raise UnsafePickleError(f"truncated pickle: {op.name} at byte {pos}")
-            length = int(struct.unpack(fmt, raw)[0])
-            if length < 0 or length > end - f.tell():
-                raise UnsafePickleError(
-                    f"{op.name} at byte {pos} declares {length} bytes; the file has "
-                    f"{max(end - f.tell(), 0)} left"
-                )
-            f.seek(length, os.SEEK_CUR)
-            return None, length
         value = op.arg.reader(f)
     except ValueError as err:  # pickletools' readers: short reads, bad text numbers
         raise UnsafePickleError(f"malformed {op.name} at byte {pos}: {err}") from None
@@ -280,6 +282,16 @@ def _shape_of(obj: Any) -> tuple[int, ...]:
     return obj
 
 
+def _check_values(data: bytes | bytearray, dt: np.dtype) -> None:
+    """Raw bytes numpy would misread: bools other than 0/1, str code points past U+10FFFF."""
+    if dt.kind == "b" and data and max(data) > 1:
+        raise UnsafePickleError("bool array with values other than 0 and 1")
+    if dt.kind == "U" and data:
+        units = np.frombuffer(data, dtype=np.dtype(np.uint32).newbyteorder(dt.byteorder))
+        if int(units.max()) > 0x10FFFF:
+            raise UnsafePickleError("str array with characters past U+10FFFF")
+
+
 class _ArrayState(_Pending):
     """What ``_reconstruct`` returns: an array that exists only once its state is checked."""
 
@@ -313,6 +325,7 @@ class _ArrayState(_Pending):
                 raise UnsafePickleError(
                     f"array of shape {shape} and dtype {dt} needs {n * dt.itemsize} payload bytes"
                 )
+            _check_values(data, dt)
         arr = _multiarray._reconstruct(np.ndarray, (0,), b"b")
         arr.__setstate__((1, shape, dt, bool(fortran), data))
         if not dt.hasobject and arr.base is data:
@@ -395,6 +408,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise UnsafePickleError("refused _frombuffer arguments")
         if len(buf) != n * dt.itemsize:
             raise UnsafePickleError(f"array of shape {shape} needs {n * dt.itemsize} bytes")
+        _check_values(buf, dt)
         self.budget.charge(n * dt.itemsize, f"an array of shape {shape} and dtype {dt}")
         return _Done(_numeric._frombuffer(buf, dt, shape, order))
 
@@ -402,6 +416,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         dt = _dtype_of(dtype)
         if dt.hasobject or type(data) is not bytes or len(data) != dt.itemsize:
             raise UnsafePickleError(f"malformed numpy scalar of dtype {dt}")
+        _check_values(data, dt)
         return _Done(_multiarray.scalar(dt, data))
 
     def _bytearray(self, data: Any = b"", encoding: Any = None) -> bytearray:
