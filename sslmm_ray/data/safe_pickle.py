@@ -284,7 +284,7 @@ def _shape_of(obj: Any) -> tuple[int, ...]:
 
 def _check_values(data: bytes | bytearray, dt: np.dtype) -> None:
     """Raw bytes numpy would misread: bools other than 0/1, str code points past U+10FFFF."""
-    if dt.kind == "b" and data and max(data) > 1:
+    if dt.kind == "b" and data and int(np.frombuffer(data, np.uint8).max()) > 1:
         raise UnsafePickleError("bool array with values other than 0 and 1")
     if dt.kind == "U" and data:
         units = np.frombuffer(data, dtype=np.dtype(np.uint32).newbyteorder(dt.byteorder))
@@ -297,8 +297,9 @@ class _ArrayState(_Pending):
 
     __slots__ = ("budget", "value")
 
-    def __init__(self, budget: Budget, value: np.ndarray | None = None) -> None:
-        self.budget, self.value = budget, value
+    def __init__(self, budget: Budget) -> None:
+        self.budget: Budget = budget
+        self.value: np.ndarray | None = None
 
     def __setstate__(self, state: Any) -> None:
         if self.value is not None or not isinstance(state, tuple) or len(state) not in (4, 5):
