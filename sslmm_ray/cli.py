@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sslmm_ray import config as config_mod
@@ -82,7 +83,9 @@ def main() -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except USER_ERRORS as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # Messages quote untrusted input (keys and names from a data file): one line, no markup.
+        text = escape(" ".join(str(err).split()))
+        console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")

@@ -21,6 +21,10 @@ Decisions, each counted in ``RawDataset.stats`` so an import is auditable:
 - A label outside the data set's range, a missing key, feature dims or lengths that differ
   between splits, or a row count that differs from ``id`` is a :class:`DataError` naming the
   split, key or sample id.
+- So is any value of the wrong type (the file is untrusted): features must be numeric arrays;
+  labels, lengths and ids arrays or flat lists of scalars; ids unique, at most
+  :data:`MAX_ID_CHARS` long, and no larger as a fixed-width array than :func:`_ids` allows.
+  Nothing the file holds is converted before its type and size are known.
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ _REQUIRED = ("id", "text", "text_bert", "audio", "vision", "regression_labels")
 _LENGTH_SOURCES = {"audio": "audio_lengths", "vision": "vision_lengths"}
 _CHUNK = 256
 _LABEL_TOL = 1e-5
+#: Longest sample id accepted (MMSA ids are like ``"video$_$clip"``, far shorter).
+MAX_ID_CHARS = 1024
+_ID_ARRAY_MARGIN = 64 << 20  # bytes a fixed-width id array may take beyond 16x its characters
+_NUMERIC = "fiub"
+_NUMBER_TYPES = (int, float, bool, np.integer, np.floating, np.bool_)
+_ID_TYPES = (str, bytes, int, np.str_, np.bytes_, np.integer)
 
 
 def load_pickle(path: str | Path, dataset: Dataset, *, aligned: bool | None = None) -> RawDataset:
@@ -59,8 +69,11 @@ def load_pickle(path: str | Path, dataset: Dataset, *, aligned: bool | None = No
     ``aligned`` None detects it: aligned iff text, audio and vision share one padded length.
     """
     _preset(dataset)  # fail on a bad name before reading a large file
-    data = safe_pickle.load_local(path)
-    raw = from_mmsa_dict(data, dataset, aligned=aligned)
+    data = safe_pickle.load_local(path)  # its errors name the file already
+    try:
+        raw = from_mmsa_dict(data, dataset, aligned=aligned)
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from err
     raw.stats["file"] = Path(str(path)).name
     return raw
 
@@ -72,7 +85,7 @@ def from_mmsa_dict(data: Any, dataset: Dataset, *, aligned: bool | None = None) 
         raise DataError(f"expected a dict with keys {SPLITS}, got {type(data).__name__}")
     missing = [s for s in SPLITS if s not in data]
     if missing:
-        raise DataError(f"missing split(s) {missing}; the file has keys {sorted(map(str, data))}")
+        raise DataError(f"missing split(s) {missing}; the file has keys {_keys(data)}")
     if aligned is None:
         aligned = _detect_aligned(data["train"])
     stats: dict[str, Any] = {
@@ -96,24 +109,55 @@ def _preset(dataset: str) -> Preset:
 
 
 def _detect_aligned(split: Any) -> bool:
+    """Only real arrays are looked at: anything else fails later with a key-level error."""
     if not isinstance(split, Mapping):
         raise DataError(f"split 'train' is {type(split).__name__}, expected a dict")
-    try:
-        lengths = {int(np.shape(split[m])[1]) for m in MODALITIES}
-    except (KeyError, IndexError) as err:
-        raise DataError(f"split 'train': cannot read padded lengths ({err!r})") from None
+    shapes = [getattr(split.get(m), "shape", None) for m in MODALITIES]
+    lengths = {s[1] if isinstance(s, tuple) and len(s) > 1 else None for s in shapes}
     return len(lengths) == 1
+
+
+def _keys(d: Mapping[Any, Any]) -> list[str]:
+    """A bounded, printable list of ``d``'s keys for messages (keys come from the file)."""
+    keys = sorted(
+        k[:40] if isinstance(k, str) and k.isprintable() else safe_pickle.brief(k) for k in d
+    )
+    return keys if len(keys) <= 20 else [*keys[:20], f"... {len(keys) - 20} more"]
 
 
 def _fail(split: str, key: str, msg: str) -> DataError:
     return DataError(f"split {split!r} key {key!r}: {msg}")
 
 
-def _array(split: str, d: Mapping[str, Any], key: str, ndim: int, n: int | None) -> np.ndarray:
-    """``d[key]`` as an array with ``ndim`` dims and ``n`` rows, or a DataError."""
+def _array(
+    split: str, d: Mapping[str, Any], key: str, ndim: int, n: int | None, kinds: str = _NUMERIC
+) -> np.ndarray:
+    """``d[key]`` as an array with ``ndim`` dims, ``n`` rows and a dtype kind in ``kinds``.
+
+    Lists are taken for 1-D keys only, and only flat lists of numbers: converting nested or
+    aliased lists could cost far more than the file (a list of a million references to one
+    long list), so they are refused before numpy sees them.
+    """
     if key not in d:
-        raise _fail(split, key, f"missing (the split has keys {sorted(map(str, d))})")
-    a = np.asarray(d[key])
+        raise _fail(split, key, f"missing (the split has keys {_keys(d)})")
+    return _as_array(split, key, d[key], ndim, n, kinds)
+
+
+def _as_array(
+    split: str, key: str, value: Any, ndim: int, n: int | None, kinds: str = _NUMERIC
+) -> np.ndarray:
+    """See :func:`_array`."""
+    if isinstance(value, np.ndarray):
+        a = value
+    elif ndim == 1 and isinstance(value, list | tuple) and kinds == _NUMERIC:
+        if not all(isinstance(x, _NUMBER_TYPES) for x in value):
+            raise _fail(split, key, "expected a flat list of numbers")
+        a = np.asarray(value, dtype=np.float64)
+    else:
+        raise _fail(split, key, f"expected a numpy array, got {type(value).__name__}")
+    if a.dtype.kind not in kinds:
+        what = "numeric" if kinds == _NUMERIC else "ids (str or int)"
+        raise _fail(split, key, f"dtype {a.dtype} is not {what}")
     if ndim == 1 and a.ndim == 2 and a.shape[1] == 1:
         a = a.reshape(-1)  # (N, 1) labels or lengths
     if a.ndim != ndim:
@@ -127,8 +171,6 @@ def _features(split: str, d: Mapping[str, Any], m: str, n: int) -> np.ndarray:
     a = _array(split, d, m, 3, n)
     if a.shape[1] < 1 or a.shape[2] < 1:
         raise _fail(split, m, f"no frames or no features (shape {a.shape})")
-    if a.dtype.kind not in "fiub":
-        raise _fail(split, m, f"dtype {a.dtype} is not numeric")
     a = np.asarray(a, dtype=np.float32)
     if not a.flags.writeable or not a.flags.c_contiguous:
         a = np.array(a, dtype=np.float32, order="C")
@@ -163,6 +205,33 @@ def _clean(feats: np.ndarray, lengths: np.ndarray, m: str, stats: dict[str, Any]
             block[pad] = 0.0
 
 
+def _ids(split: str, d: Mapping[str, Any]) -> np.ndarray:
+    """The ``id`` key as a (N,) str array, its size checked before numpy pads every id to the
+    longest (a million references to one long string would otherwise take terabytes)."""
+    value = d["id"]
+    if isinstance(value, list | tuple):  # checked element by element below, before numpy
+        items = list(value)
+    else:
+        items = _as_array(split, "id", value, 1, None, kinds="OUSiu").tolist()
+    for x in items:
+        if not isinstance(x, _ID_TYPES) or (isinstance(x, int) and not -(2**63) <= x < 2**64):
+            raise _fail(split, "id", f"ids must be str or 64-bit int, not {safe_pickle.brief(x)}")
+    texts = [str(x) for x in items]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(split, "id", f"id {safe_pickle.brief(text)} is not valid unicode") from None
+    if len(set(texts)) != len(texts):
+        raise _fail(split, "id", "sample ids are not unique")
+    longest = max(map(len, texts), default=0)
+    if longest > MAX_ID_CHARS:
+        raise _fail(split, "id", f"an id of {longest} characters (at most {MAX_ID_CHARS})")
+    if 4 * len(texts) * longest > _ID_ARRAY_MARGIN + 16 * sum(map(len, texts)):
+        raise _fail(split, "id", f"ids of very uneven lengths (the longest has {longest})")
+    return np.array(texts) if texts else np.zeros(0, dtype="<U1")
+
+
 def _labels(split: str, d: Mapping[str, Any], ids: np.ndarray, preset: Preset) -> np.ndarray:
     labels = _array(split, d, "regression_labels", 1, len(ids)).astype(np.float64)
     lo, hi = preset.label_range
@@ -185,8 +254,8 @@ def _convert_split(
         raise DataError(f"split {split!r} is {type(d).__name__}, expected a dict")
     for key in (*_REQUIRED, *(() if aligned else _LENGTH_SOURCES.values())):
         if key not in d:
-            raise _fail(split, key, f"missing (the split has keys {sorted(map(str, d))})")
-    ids = np.array([str(x) for x in _array(split, d, "id", 1, None)])
+            raise _fail(split, key, f"missing (the split has keys {_keys(d)})")
+    ids = _ids(split, d)
     n = len(ids)
     if n == 0:
         raise _fail(split, "id", "no samples")
