@@ -69,6 +69,10 @@ class DataConfig:
     # "Normalisation"): real feature scales differ by orders of magnitude, and on raw ones the
     # largest feature dominates the losses. Off only to reproduce raw-feature runs.
     normalize: bool = True
+    # Check each shard's SHA-256 (from the manifest) in the read task that decodes it, so a
+    # corrupt shard stops training with one line naming it. Costs a hash pass over the bytes
+    # read (docs/DATA.md, "Integrity"); off only where storage is trusted and every % counts.
+    verify_checksums: bool = True
 
 
 @dataclass(config=_STRICT)
