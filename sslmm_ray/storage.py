@@ -29,6 +29,7 @@ more than ``SLOW_S`` seconds, and the final failure. Remote I/O errors surface a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -105,6 +106,8 @@ class StorageOptions:
 
     endpoint: str | None = None
     region: str | None = None
+    #: SDK retries per S3 request; None: ``S3_MAX_RETRIES``. Fewer fail faster (tests, probes).
+    retries: int | None = None
 
     @classmethod
     def from_env(cls, endpoint: str | None = None, region: str | None = None) -> StorageOptions:
@@ -238,7 +241,9 @@ def _init_s3_logging() -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def _s3_fs(endpoint: str | None, region: str, probe: bool = False) -> pafs.S3FileSystem:
+def _s3_fs(
+    endpoint: str | None, region: str, probe: bool = False, retries: int | None = None
+) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {}
     if endpoint:
         kwargs["scheme"], kwargs["endpoint_override"] = _endpoint_parts(endpoint)
@@ -247,7 +252,8 @@ def _s3_fs(endpoint: str | None, region: str, probe: bool = False) -> pafs.S3Fil
         region=region,
         connect_timeout=PROBE_TIMEOUT_S if probe else CONNECT_TIMEOUT_S,
         request_timeout=PROBE_TIMEOUT_S if probe else REQUEST_TIMEOUT_S,
-        retries=0 if probe else S3_MAX_RETRIES,  # the probe retries on its own, briefly
+        # the probe retries on its own, briefly
+        retries=0 if probe else (S3_MAX_RETRIES if retries is None else retries),
         **kwargs,
     )
 
@@ -260,7 +266,7 @@ def clear_cache() -> None:
 def _options(options: StorageOptions | None) -> StorageOptions:
     opts = options if options is not None else StorageOptions.from_env()
     if opts.region is None:  # an explicit StorageOptions(endpoint=...) still gets a region
-        opts = StorageOptions.from_env(endpoint=opts.endpoint)
+        opts = dataclasses.replace(opts, region=StorageOptions.from_env().region)
     return opts
 
 
@@ -270,7 +276,7 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     if parsed.scheme == "local":
         return _local_fs(), parsed.path
     opts = _options(options)
-    return _s3_fs(opts.endpoint, opts.region), parsed.path
+    return _s3_fs(opts.endpoint, opts.region, retries=opts.retries), parsed.path
 
 
 def is_remote(uri: str) -> bool:
