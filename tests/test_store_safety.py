@@ -165,8 +165,9 @@ _MANIFEST_PUT = re.compile(
 class _LossyProxy:
     """A TCP proxy on 127.0.0.1 in front of the S3 server that loses the manifest's publish.
 
-    ``response``: the PUT (or the multipart upload's completion) reaches the server, its answer is dropped and the connection closed.
-    ``request``: the connection is closed before the PUT reaches the server.
+    ``response``: the PUT (or the multipart upload's completion) reaches the server, its
+    answer is dropped and the connection closed. ``request``: the connection is closed before
+    the PUT reaches the server.
     ``blackout``: as ``response``, then every later request is cut off too.
     """
 
