@@ -13,7 +13,8 @@ already know (the manifest) that costs seconds per epoch, more than reading the 
 packs a small split into one task with no streaming. V1 plans once and reads each shard in
 its own task; ``override_num_blocks`` stops it from cutting files into hundreds of tiny blocks.
 
-Integrity (``data.verify_checksums``, on by default): each read task reads its shard's bytes
+Integrity (``data.verify_checksums``, off by default: it costs ~30% of streaming throughput,
+docs/DATA.md): each read task reads its shard's bytes
 (``read_binary_files``), checks them against the manifest's SHA-256 and parses the Parquet from
 memory in the same task (:func:`sslmm_ray.data.store.read_verified`), so a corrupt shard fails
 the epoch with one line naming it instead of feeding garbage to the model. Off, shards are read
@@ -125,7 +126,7 @@ def split_dataset(
     *,
     shuffle_seed: int | None = None,
     normalize: bool = True,
-    verify: bool = True,
+    verify: bool = False,
 ) -> ray.data.Dataset:
     """One split as a Ray Dataset of model batches (docs/CONTRACTS.md).
 

@@ -23,8 +23,8 @@ asked to.
 
 Reading trusts nothing it has not checked: the manifest's fields, then each shard's presence,
 size, Parquet footer, row count and column types against the manifest (``verify``: checksums).
-Decoding rows for training or evaluation checks each shard's SHA-256 as it reads it
-(:func:`read_verified`, also inside the Ray Data read tasks), so a shard corrupted without
+:func:`read_split` checks each shard's SHA-256 as it reads it (:func:`read_verified`), as do
+the Ray Data read tasks when ``data.verify_checksums`` is on, so a shard corrupted without
 changing its size is refused too. Every failure is a
 :class:`~sslmm_ray.data.sources.DataError` naming the file.
 """
