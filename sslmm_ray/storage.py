@@ -13,19 +13,30 @@ URI: a local path, ``file://...`` or ``s3://bucket/prefix``. S3 always goes thro
   then the EC2/ECS instance role. A pickled filesystem (Ray ships it to workers) therefore
   carries no secret either: each worker resolves the chain on its own node.
 
-Failures are bounded: pyarrow retries 3 times (AWS standard strategy), connects time out after
-``CONNECT_TIMEOUT_S`` and a stalled transfer after ``REQUEST_TIMEOUT_S`` (on Linux the SDK applies
-it as "no byte for that long"). Remote I/O errors surface as :class:`StorageError` naming the
-endpoint and bucket, with any credential value scrubbed from the text.
+Failures are retried, then bounded. Every S3 request is retried by the AWS SDK inside pyarrow
+(``AwsDefaultS3RetryStrategy``: ``S3_MAX_RETRIES`` retries after waits of 0, 50, 100, ... ms,
+doubling, 25.5 s in all), so reads and writes ride out an outage of 10-20 s (a restarted
+server, a failover) and a dead endpoint fails within about half a minute. Connects time out
+after ``CONNECT_TIMEOUT_S`` and a stalled transfer after ``REQUEST_TIMEOUT_S`` (on Linux the SDK
+applies it as "no byte for that long"). The filesystem pickles with these settings, so Ray
+workers retry alike (a plain ``S3FileSystem`` loses its retry strategy when pickled). Each SDK
+retry is logged to stderr when ``SSLMM_S3_LOG_LEVEL=warn`` (the SDK's own log: no request
+headers at that level, so no signature or key id); this module logs an operation that needed
+more than ``SLOW_S`` seconds, and the final failure. Remote I/O errors surface as
+:class:`StorageError` naming the endpoint and bucket, with any credential value and any URL's
+``user:password@`` part scrubbed from the text (:func:`redact`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import os
 import posixpath
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +55,9 @@ from tenacity import (
     wait_exponential,
 )
 
-from sslmm_ray.errors import UserError
+from sslmm_ray.errors import UserError, redact
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "StorageError",
@@ -59,6 +72,7 @@ __all__ = [
     "ray_storage",
     "read_bytes",
     "read_json",
+    "redact",
     "resolve",
     "write_bytes",
     "write_json",
@@ -68,7 +82,12 @@ ENDPOINT_ENV = "SSLMM_S3_ENDPOINT"
 DEFAULT_REGION = "us-east-1"
 CONNECT_TIMEOUT_S = 3.0
 REQUEST_TIMEOUT_S = 10.0
-S3_MAX_ATTEMPTS = 3
+#: SDK retries per request (after the first attempt), waits 25 ms * 2**n for n = 1..10 (the
+#: first retry is immediate): 25.5 s in all, enough for a 10 s outage plus a server restart.
+S3_MAX_RETRIES = 10
+#: An S3 operation slower than this is logged (it was most likely retried).
+SLOW_S = 2.0
+LOG_LEVEL_ENV = "SSLMM_S3_LOG_LEVEL"
 # The reachability probe fails fast: one SDK attempt per tenacity attempt, short timeouts.
 PROBE_ATTEMPTS = 3
 PROBE_DEADLINE_S = 6.0
@@ -87,6 +106,8 @@ class StorageOptions:
 
     endpoint: str | None = None
     region: str | None = None
+    #: SDK retries per S3 request; None: ``S3_MAX_RETRIES``. Fewer fail faster (tests, probes).
+    retries: int | None = None
 
     @classmethod
     def from_env(cls, endpoint: str | None = None, region: str | None = None) -> StorageOptions:
@@ -102,7 +123,9 @@ class StorageOptions:
 
     def describe(self) -> str:
         """The endpoint as shown in messages (never any credential)."""
-        return self.endpoint or f"AWS S3 (region {self.region or DEFAULT_REGION})"
+        if self.endpoint:
+            return redact(self.endpoint)
+        return f"AWS S3 (region {self.region or DEFAULT_REGION})"
 
 
 @dataclass(frozen=True)
@@ -120,6 +143,11 @@ def _parse(uri: str) -> _Parsed:
     scheme = parts.scheme.lower()
     if scheme == "s3":
         bucket = parts.netloc
+        if "@" in bucket:
+            raise StorageError(
+                f"S3 URI {uri!r} embeds credentials; give them through the AWS variables or "
+                "profile instead"
+            )
         if not bucket:
             raise StorageError(f"S3 URI {uri!r} has no bucket: expected s3://bucket/prefix")
         if parts.query or parts.fragment:
@@ -159,18 +187,73 @@ def _local_fs() -> pafs.LocalFileSystem:
     return pafs.LocalFileSystem()
 
 
+class _S3FileSystem(pafs.S3FileSystem):
+    """An ``S3FileSystem`` that pickles with its retry strategy and timeouts.
+
+    pyarrow's own pickling drops ``retry_strategy``, so a filesystem shipped to a Ray worker
+    (a Ray Data read task, Ray Train's checkpoint upload) would fall back to 3 quick attempts.
+    """
+
+    def __init__(
+        self, *, retries: int, connect_timeout: float, request_timeout: float, **kwargs: Any
+    ) -> None:
+        super().__init__(
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=retries),
+            **kwargs,
+        )
+        self._settings = dict(
+            retries=retries,
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
+            **kwargs,
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_s3_fs, (self._settings,))
+
+
+def _rebuild_s3_fs(settings: dict[str, Any]) -> _S3FileSystem:
+    _init_s3_logging()
+    return _S3FileSystem(**settings)
+
+
+@functools.cache
+def _init_s3_logging() -> None:
+    """Turn on the AWS SDK's log (each retry, at "warn") when ``SSLMM_S3_LOG_LEVEL`` asks."""
+    level = os.environ.get(LOG_LEVEL_ENV, "").strip().lower()
+    if not level:
+        return
+    levels = {
+        "off": pafs.S3LogLevel.Off,
+        "fatal": pafs.S3LogLevel.Fatal,
+        "error": pafs.S3LogLevel.Error,
+        "warn": pafs.S3LogLevel.Warn,
+        "info": pafs.S3LogLevel.Info,
+    }  # debug and trace would print request headers: never offered
+    if level not in levels:
+        raise StorageError(f"{LOG_LEVEL_ENV}={level!r}: expected one of {sorted(levels)}")
+    try:
+        pafs.initialize_s3(levels[level])
+    except Exception as err:  # already initialised by an earlier S3 use in this process
+        log.warning("%s not applied: %s", LOG_LEVEL_ENV, err)
+
+
 @functools.lru_cache(maxsize=32)
-def _s3_fs(endpoint: str | None, region: str, probe: bool = False) -> pafs.S3FileSystem:
+def _s3_fs(
+    endpoint: str | None, region: str, probe: bool = False, retries: int | None = None
+) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {}
     if endpoint:
         kwargs["scheme"], kwargs["endpoint_override"] = _endpoint_parts(endpoint)
-    return pafs.S3FileSystem(
+    _init_s3_logging()
+    return _S3FileSystem(
         region=region,
         connect_timeout=PROBE_TIMEOUT_S if probe else CONNECT_TIMEOUT_S,
         request_timeout=PROBE_TIMEOUT_S if probe else REQUEST_TIMEOUT_S,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(
-            max_attempts=1 if probe else S3_MAX_ATTEMPTS
-        ),
+        # the probe retries on its own, briefly
+        retries=0 if probe else (S3_MAX_RETRIES if retries is None else retries),
         **kwargs,
     )
 
@@ -183,7 +266,7 @@ def clear_cache() -> None:
 def _options(options: StorageOptions | None) -> StorageOptions:
     opts = options if options is not None else StorageOptions.from_env()
     if opts.region is None:  # an explicit StorageOptions(endpoint=...) still gets a region
-        opts = StorageOptions.from_env(endpoint=opts.endpoint)
+        opts = dataclasses.replace(opts, region=StorageOptions.from_env().region)
     return opts
 
 
@@ -193,7 +276,7 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     if parsed.scheme == "local":
         return _local_fs(), parsed.path
     opts = _options(options)
-    return _s3_fs(opts.endpoint, opts.region), parsed.path
+    return _s3_fs(opts.endpoint, opts.region, retries=opts.retries), parsed.path
 
 
 def is_remote(uri: str) -> bool:
@@ -228,7 +311,7 @@ def _scrub(text: str) -> str:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return text
+    return redact(text)
 
 
 _NETWORK_MARKERS = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Timeout")
@@ -247,17 +330,22 @@ def _io(uri: str, options: StorageOptions | None) -> Iterator[tuple[pafs.FileSys
     """Resolve ``uri`` and turn remote OSErrors into StorageError naming the endpoint."""
     parsed = _parse(uri)
     fs, path = resolve(uri, options)
+    start = time.monotonic()
     try:
         yield fs, path
     except FileNotFoundError:
-        raise FileNotFoundError(f"no such file or directory: {uri}") from None
+        raise FileNotFoundError(f"no such file or directory: {redact(uri)}") from None
     except StorageError:
         raise
     except OSError as exc:
         if parsed.scheme == "local":
             raise
         msg = _describe_failure(uri, _options(options), parsed.bucket, exc)
+        log.warning("%s (gave up after %.1f s)", msg, time.monotonic() - start)
         raise StorageError(msg) from None  # no chain: the raw text could hold unscrubbed data
+    elapsed = time.monotonic() - start
+    if parsed.scheme != "local" and elapsed > SLOW_S:
+        log.warning("S3 access to %s took %.1f s (retried, or a slow link)", redact(uri), elapsed)
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:

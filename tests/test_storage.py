@@ -202,7 +202,9 @@ def test_unreachable_endpoint_bounded_and_named(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     endpoint = f"http://127.0.0.1:{_closed_port()}"
-    opts = StorageOptions(endpoint=endpoint, region="us-east-1")
+    # Two SDK retries keep this fast; the default budget (~25 s, S3_MAX_RETRIES) is shown to
+    # ride out a real outage in test_store_safety.py.
+    opts = StorageOptions(endpoint=endpoint, region="us-east-1", retries=2)
     messages = []
 
     start = time.monotonic()
@@ -215,7 +217,7 @@ def test_unreachable_endpoint_bounded_and_named(
     for call in (
         lambda: storage.read_bytes("s3://data/mosi/manifest.json", opts),
         lambda: storage.write_bytes("s3://data/mosi/x", b"x", opts),
-    ):  # each goes through pyarrow's own bounded retries (3 attempts)
+    ):  # each goes through the SDK's bounded retries
         start = time.monotonic()
         with pytest.raises(StorageError, match="unreachable") as info:
             call()
@@ -255,3 +257,40 @@ def test_hung_endpoint_probe_is_bounded(monkeypatch: pytest.MonkeyPatch, fresh_c
         listener.close()
         for conn in held:
             conn.close()
+
+
+def test_pickled_filesystem_keeps_its_retries() -> None:
+    """Ray ships the filesystem to its workers: they must retry as the driver does."""
+    fs, _ = storage.resolve("s3://b/x", StorageOptions("http://127.0.0.1:9", "us-east-1"))
+    clone = pickle.loads(pickle.dumps(fs))
+    assert isinstance(clone, pafs.S3FileSystem)
+    assert clone._settings["retries"] == storage.S3_MAX_RETRIES > 0
+    assert clone._settings["connect_timeout"] == storage.CONNECT_TIMEOUT_S
+    few, _ = storage.resolve("s3://b/x", StorageOptions("http://127.0.0.1:9", "us-east-1", 2))
+    assert pickle.loads(pickle.dumps(few))._settings["retries"] == 2
+
+
+def test_url_credentials_never_shown(tmp_path: Path, fresh_cache: None) -> None:
+    from sslmm_ray.data.sources import DataError
+    from sslmm_ray.errors import UserError, redact
+
+    secret = "hunter2-secret"
+    messages = []
+    for call in (
+        lambda: storage.resolve(f"s3://alice:{secret}@bucket/x"),
+        lambda: storage.resolve("s3://b/x", StorageOptions(f"http://bob:{secret}@127.0.0.1:9")),
+        lambda: storage.read_bytes(f"file://carol:{secret}@somehost/x"),
+    ):
+        with pytest.raises(StorageError) as info:
+            call()
+        messages.append(str(info.value))
+    for err in (
+        UserError(f"cannot fetch https://dave:{secret}@example.com/data.pkl"),
+        DataError(f"s3://eve:{secret}@bucket/ds: bad"),
+        StorageError(f"endpoint http://{secret}@10.0.0.1:9000 is down"),
+    ):
+        messages.append(str(err))
+    assert messages and all(secret not in m for m in messages), messages
+    assert "***@" in messages[0]
+    assert redact("see http://u:p@h:1/x and s3://b/k") == "see http://***@h:1/x and s3://b/k"
+    assert redact("mail a@b.c, path /x@y") == "mail a@b.c, path /x@y"  # only URLs' userinfo

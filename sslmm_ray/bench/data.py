@@ -7,6 +7,9 @@ Three sources of the same training split (synthetic, a preset's shapes), consume
   no I/O, no decode, no Ray.
 * ``local``: the canonical store on local disk, streamed by :func:`pipeline.split_dataset`
   (Ray Data ``read_parquet`` -> ``map_batches`` decode + protocols) and ``iter_torch_batches``.
+* ``local`` checks every shard's SHA-256 in its read task (``data.verify_checksums=true``);
+  ``local_unverified`` reads with ``read_parquet`` unchecked (the default);
+  ``verify_over_unverified`` is the price of checking every shard on read.
 * ``s3``: the same store on an S3 server (a local moto process unless one is given).
 
 The consumer is a trivial training step: it reads every tensor of the batch (a sum) and, with
@@ -69,10 +72,11 @@ def _stream(
     options: StorageOptions | None,
     batch_size: int,
     prefetch_batches: int,
+    verify: bool = True,
 ) -> Callable[[int], Batches]:
     # One Dataset iterated once per epoch, as a Train worker's shard is: the file order is
     # reseeded at every execution, and planning happens once.
-    ds = pipeline.split_dataset(manifest, "train", spec, options, shuffle_seed=0)
+    ds = pipeline.split_dataset(manifest, "train", spec, options, shuffle_seed=0, verify=verify)
 
     def make(epoch: int) -> Batches:
         return ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch_batches)
@@ -128,7 +132,7 @@ def run(
     missing_rate: float = 0.5,
     s3: Any | None = None,
     s3_uri: str | None = None,
-    sources: tuple[str, ...] = ("memory", "local", "s3"),
+    sources: tuple[str, ...] = ("memory", "local", "local_unverified", "s3"),
     seed: int = 0,
 ) -> dict[str, Any]:
     """Measure each source; returns rates, per-epoch seconds and the ratios to in-memory.
@@ -140,9 +144,10 @@ def run(
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1")
-    unknown = set(sources) - {"memory", "local", "s3"}
+    known = {"memory", "local", "local_unverified", "s3"}
+    unknown = set(sources) - known
     if unknown:
-        raise ValueError(f"unknown source(s) {sorted(unknown)}: use memory, local, s3")
+        raise ValueError(f"unknown source(s) {sorted(unknown)}: use {sorted(known)}")
     raw = synth.generate(preset, scale=scale, seed=seed)
     spec = protocols.ProtocolSpec(missing_rate=missing_rate, seed=seed)
     result: dict[str, Any] = {
@@ -175,12 +180,17 @@ def run(
                 batch = protocols.apply(dict(raw.splits["train"]), spec)
                 tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
                 makers["memory"] = lambda e: _memory_batches(tensors, batch_size, e)
-            if "local" in sources:
+            if {"local", "local_unverified"} & set(sources):
                 local = store.write_dataset(
                     raw, str(Path(tmp) / "ds"), shard_rows=shard_rows, compression=compression
                 )
                 result["decode_one_core"] = _decode_one_core(local, spec)
+            if "local" in sources:
                 makers["local"] = _stream(local, spec, None, batch_size, prefetch_batches)
+            if "local_unverified" in sources:
+                makers["local_unverified"] = _stream(
+                    local, spec, None, batch_size, prefetch_batches, verify=False
+                )
             if "s3" in sources:
                 options = s3.options if s3 is not None else StorageOptions.from_env()
                 remote_uri = s3_uri or s3.uri(f"bench-data/{os.getpid()}-{time.time_ns()}")
@@ -204,6 +214,10 @@ def run(
                 for stat, suffix in (("samples_per_s", ""), ("best_samples_per_s", "_best")):
                     ratio = src[k][stat] / src["memory"][stat]
                     result[f"{k}_over_memory{suffix}"] = round(ratio, 3)
+    if "local" in src and "local_unverified" in src:
+        for stat, suffix in (("samples_per_s", ""), ("best_samples_per_s", "_best")):
+            ratio = src["local"][stat] / src["local_unverified"][stat]
+            result[f"verify_over_unverified{suffix}"] = round(ratio, 3)
     return result
 
 

@@ -12,10 +12,18 @@ the files at every execution and reads their footers on a pool of 32 freshly sta
 already know (the manifest) that costs seconds per epoch, more than reading the data, and
 packs a small split into one task with no streaming. V1 plans once and reads each shard in
 its own task; ``override_num_blocks`` stops it from cutting files into hundreds of tiny blocks.
+
+Integrity (``data.verify_checksums``, off by default: it costs ~30% of streaming throughput,
+docs/DATA.md): each read task reads its shard's bytes
+(``read_binary_files``), checks them against the manifest's SHA-256 and parses the Parquet from
+memory in the same task (:func:`sslmm_ray.data.store.read_verified`), so a corrupt shard fails
+the epoch with one line naming it instead of feeding garbage to the model. Off, shards are read
+by ``read_parquet`` unchecked (docs/DATA.md, "Integrity", has the measured cost).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,7 +38,13 @@ from sslmm_ray.config import ExperimentConfig, FinetuneConfig
 from sslmm_ray.data import protocols
 from sslmm_ray.data.normalize import Normalizer, normalizer_for
 from sslmm_ray.data.sources import DataError
-from sslmm_ray.data.store import Manifest, ModalitySpec, decode_table, iter_split_tables
+from sslmm_ray.data.store import (
+    Manifest,
+    ModalitySpec,
+    decode_table,
+    iter_split_tables,
+    read_verified,
+)
 from sslmm_ray.storage import StorageOptions
 
 #: Rows per decode call: None = one call per block, i.e. per shard. That lets Ray fuse the read
@@ -49,6 +63,44 @@ def _decode(
     norm: Normalizer | None = None,
 ) -> dict[str, np.ndarray]:
     return protocols.apply(decode_table(table, modalities, norm), spec)
+
+
+def _verify_decode(
+    files: pa.Table,
+    checksums: dict[str, tuple[str, str]],
+    modalities: dict[str, ModalitySpec],
+    spec: protocols.ProtocolSpec,
+    norm: Normalizer | None = None,
+) -> dict[str, np.ndarray]:
+    """Whole shard files (``bytes``, ``path``) -> checked, parsed, decoded model batches."""
+    tables = []
+    for payload, path in zip(
+        files.column("bytes").to_pylist(), files.column("path").to_pylist(), strict=True
+    ):
+        sha256, where = checksums[path]
+        tables.append(read_verified(payload, where, sha256))
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    return _decode(table, modalities, spec, norm)
+
+
+# How a DataError raised in a Ray task appears in the driver's wrapped error text.
+_TASK_DATA_ERROR = re.compile(r"^sslmm_ray\.data\.sources\.DataError: (.+)$", re.MULTILINE)
+
+
+@contextmanager
+def task_data_errors() -> Iterator[None]:
+    """Re-raise a DataError from a Ray task (a corrupt shard) as the one-line DataError it is.
+
+    Ray wraps task failures in its own errors whose text is a traceback; the CLI would print
+    all of it. The message is recovered from that text (Ray keeps no reference to the cause).
+    """
+    try:
+        yield
+    except Exception as err:
+        found = _TASK_DATA_ERROR.findall(str(err))
+        if not found or isinstance(err, DataError):
+            raise
+        raise DataError(found[-1]) from None
 
 
 @contextmanager
@@ -74,11 +126,13 @@ def split_dataset(
     *,
     shuffle_seed: int | None = None,
     normalize: bool = True,
+    verify: bool = False,
 ) -> ray.data.Dataset:
     """One split as a Ray Dataset of model batches (docs/CONTRACTS.md).
 
     ``normalize``: standardise features with the manifest's train statistics, as the model
     being fed was trained (``data.normalize``, or the checkpoint's ``normalize``).
+    ``verify``: check every shard's checksum in its read task (``data.verify_checksums``).
     """
     uris = manifest.shard_uris(split)
     if not uris:
@@ -89,15 +143,34 @@ def split_dataset(
     shuffle = None
     if shuffle_seed is not None:
         shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    kwargs = {"modalities": manifest.modalities, "spec": spec, "norm": norm}
+    if verify:
+        by_path = {s.path: s for s in manifest.shards}
+        checksums = {
+            path: (by_path[rel].sha256, uri)
+            for path, uri, rel in zip(
+                paths, uris, (s.path for s in manifest.shards if s.split == split), strict=True
+            )
+        }
+        files = ray.data.read_binary_files(
+            paths,
+            filesystem=fs,
+            include_paths=True,
+            shuffle=shuffle,
+            override_num_blocks=len(paths),
+        )
+        return files.map_batches(
+            _verify_decode,
+            batch_format="pyarrow",
+            batch_size=DECODE_BATCH_ROWS,
+            fn_kwargs={"checksums": checksums, **kwargs},
+        )
     with _parquet_v1():
         ds = ray.data.read_parquet(
             paths, filesystem=fs, shuffle=shuffle, override_num_blocks=len(paths)
         )
     return ds.map_batches(
-        _decode,
-        batch_format="pyarrow",
-        batch_size=DECODE_BATCH_ROWS,
-        fn_kwargs={"modalities": manifest.modalities, "spec": spec, "norm": norm},
+        _decode, batch_format="pyarrow", batch_size=DECODE_BATCH_ROWS, fn_kwargs=kwargs
     )
 
 
@@ -111,7 +184,10 @@ def labeled_split_keys(
     """The keys of a split's rows that keep their label, from the id and label columns only."""
     if ratio >= 1.0:
         return None
-    tables = list(iter_split_tables(manifest, split, options, columns=["id", "label"]))
+    # Unchecked: two small columns only; the training read of these shards checks them whole.
+    tables = list(
+        iter_split_tables(manifest, split, options, columns=["id", "label"], verify=False)
+    )
     table = pa.concat_tables(tables)
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     labels = table.column("label").to_numpy()
@@ -175,10 +251,13 @@ def finetune_datasets(
     specs = finetune_specs(manifest, cfg.finetune, options,
                            valid_label_ratio=cfg.data.valid_label_ratio)
     seed, cache_mb, norm = cfg.finetune.seed, cfg.data.cache_mb, cfg.data.normalize
+    check = cfg.data.verify_checksums
     train = split_dataset(
-        manifest, "train", specs["train"], options, shuffle_seed=seed, normalize=norm
+        manifest, "train", specs["train"], options, shuffle_seed=seed, normalize=norm,
+        verify=check,
     )
-    valid = split_dataset(manifest, "valid", specs["valid"], options, normalize=norm)
+    valid = split_dataset(manifest, "valid", specs["valid"], options, normalize=norm,
+                          verify=check)
     return {
         "train": cached(train, manifest, "train", cache_mb, seed),
         "valid": cached(valid, manifest, "valid", cache_mb, None),
@@ -197,8 +276,11 @@ def pretrain_datasets(
         labeled_keys=np.zeros(0, np.uint64),
     )
     seed, cache_mb, norm = pre.seed, cfg.data.cache_mb, cfg.data.normalize
-    train = split_dataset(manifest, "train", spec, options, shuffle_seed=seed, normalize=norm)
-    valid = split_dataset(manifest, "valid", spec, options, normalize=norm)
+    check = cfg.data.verify_checksums
+    train = split_dataset(
+        manifest, "train", spec, options, shuffle_seed=seed, normalize=norm, verify=check
+    )
+    valid = split_dataset(manifest, "valid", spec, options, normalize=norm, verify=check)
     return {
         "train": cached(train, manifest, "train", cache_mb, seed),
         "valid": cached(valid, manifest, "valid", cache_mb, None),

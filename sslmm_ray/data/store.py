@@ -11,14 +11,22 @@ Why generations: each write goes to a fresh folder and the manifest is written o
 shard is closed and checksummed, so a reader never sees a half-written dataset: either the old
 manifest (pointing at old shards) or the new one. A write that fails removes its own folder and
 publishes nothing; an overwrite deletes the previous generation only after the new manifest is
-in place. Rows hold ``id``, ``split``, ``label`` and per modality the flattened ``(T, d)``
-features as a fixed-size list plus the valid length ``<m>_len``. The manifest also carries the
-training split's per-feature mean and std (:mod:`sslmm_ray.data.normalize`), which decoding
-applies when asked to.
+read back and seen to be live, and only folders named as this store names them
+(``GENERATION_RE``): a tampered manifest listing ``victim/x.parquet`` cannot make an overwrite
+delete ``victim``. A manifest write that fails ambiguously (the PUT reached the server, the
+answer was lost) is settled by reading the manifest back before anything is deleted.
+
+Rows hold ``id``, ``split``, ``label`` and per modality the flattened ``(T, d)`` features as a
+fixed-size list plus the valid length ``<m>_len``. The manifest also carries the training
+split's per-feature mean and std (:mod:`sslmm_ray.data.normalize`), which decoding applies when
+asked to.
 
 Reading trusts nothing it has not checked: the manifest's fields, then each shard's presence,
 size, Parquet footer, row count and column types against the manifest (``verify``: checksums).
-Every failure is a :class:`~sslmm_ray.data.sources.DataError` naming the file.
+:func:`read_split` checks each shard's SHA-256 as it reads it (:func:`read_verified`), as do
+the Ray Data read tasks when ``data.verify_checksums`` is on, so a shard corrupted without
+changing its size is refused too. Every failure is a
+:class:`~sslmm_ray.data.sources.DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import datetime as dt
 import hashlib
 import logging
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +57,7 @@ from sslmm_ray.data.normalize import (
 )
 from sslmm_ray.data.sources import SPLITS, DataError, RawDataset, validate_raw
 from sslmm_ray.errors import UserError
+from sslmm_ray.metrics import dataset_family
 from sslmm_ray.storage import StorageError, StorageOptions
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GENERATION_PREFIX = "shards-"
+#: Exactly the folder names :func:`write_dataset` creates; an overwrite deletes nothing else.
+GENERATION_RE = re.compile(r"shards-\d{8}T\d{6}-[0-9a-f]{8}")
 COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "lz4", "snappy", "gzip")
 #: Uncompressed by default: float features shrink only ~1.5x under zstd, while decompressing
 #: them costs more CPU than decoding the Parquet itself, and decode is what limits streaming
@@ -96,11 +108,14 @@ class Manifest:
 
     @property
     def family(self) -> str:
-        """The metric family: mosi, mosei or sims."""
-        for fam in ("mosei", "mosi", "sims"):
-            if fam in self.name:
-                return fam
-        return "mosi"
+        """The metric family: mosi, mosei or sims (an unknown name is an error, not mosi)."""
+        family = _family(self.name)
+        if family is None:
+            raise DataError(
+                f"{storage.join(self.uri, MANIFEST)}: unknown data set name {self.name!r} "
+                "(expected mosi, mosei, sims or a synthetic preset such as synthetic-mosi)"
+            )
+        return family
 
     @property
     def dims(self) -> dict[str, int]:
@@ -145,7 +160,8 @@ class Manifest:
         return manifest
 
     def _check(self, where: str) -> None:
-        """Internal consistency: positive shapes, safe shard paths, counts that add up."""
+        """Internal consistency: a known name, positive shapes, safe shard paths, counts."""
+        self.family  # noqa: B018 - raises DataError for an unknown data set name
         for m, spec in self.modalities.items():
             if not (isinstance(spec.dim, int) and isinstance(spec.length, int)) or min(
                 spec.dim, spec.length
@@ -211,6 +227,16 @@ def _encode_shard(table: pa.Table, compression: str) -> bytes:
         row_group_size=max(1, table.num_rows),
     )
     return sink.getvalue().to_pybytes()
+
+
+def _family(name: str) -> str | None:
+    """The metric family of a data set name; the scalable preset has MOSI's labels."""
+    if "scalable" in re.split(r"[^a-z0-9]+", name.lower()):
+        return "mosi"
+    try:
+        return dataset_family(name)
+    except UserError:
+        return None
 
 
 def _previous_manifest(uri: str, options: StorageOptions | None) -> Manifest | None:
@@ -280,14 +306,76 @@ def write_dataset(
             normalization=normalization,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
-        storage.write_json(storage.join(uri, MANIFEST), manifest.to_json(), options)
     except BaseException:
         _remove_quietly(generation_uri, options, "partial write")
         raise
-    if previous is not None:
+    if _publish(manifest, generation, options) and previous is not None:
         for old in sorted(previous.generations() - {generation}):
-            _remove_quietly(storage.join(uri, old), options, "previous generation")
+            if GENERATION_RE.fullmatch(old):
+                _remove_quietly(storage.join(uri, old), options, "previous generation")
+            else:
+                log.warning(
+                    "not deleting %s: the previous manifest lists it, but this store never "
+                    "writes a folder of that name",
+                    storage.join(uri, old),
+                )
     return manifest
+
+
+def _live_generations(uri: str, options: StorageOptions | None) -> set[str] | None:
+    """The folders the manifest now at ``uri`` points at: set() if absent, None if unreadable.
+
+    Parsed leniently (shard paths only): the question is only which generation is live.
+    """
+    manifest_uri = storage.join(uri, MANIFEST)
+    try:
+        if not storage.exists(manifest_uri, options):
+            return set()
+        data = storage.read_json(manifest_uri, options)
+        return {str(s["path"]).split("/", 1)[0] for s in data["shards"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("cannot read back %s: %s", manifest_uri, err)
+        return None
+
+
+def _publish(manifest: Manifest, generation: str, options: StorageOptions | None) -> bool:
+    """Write the manifest and read it back; True once the new generation is confirmed live.
+
+    A failed write may still have landed (the PUT reached the server, the answer was lost), so
+    it is settled by reading back: the new manifest live counts as success; the old one (or
+    none) live means the write did not land, and only the new shards go; an unreadable
+    manifest leaves every shard in place and raises. False (delete nothing) when the write
+    succeeded but could not be confirmed.
+    """
+    uri = manifest.uri
+    manifest_uri = storage.join(uri, MANIFEST)
+    generation_uri = storage.join(uri, generation)
+    try:
+        storage.write_json(manifest_uri, manifest.to_json(), options)
+    except BaseException as err:
+        live = _live_generations(uri, options)
+        if live == {generation}:
+            log.warning("writing %s reported %s, yet it is live: published", manifest_uri, err)
+            return True
+        if live is None:
+            raise StorageError(
+                f"{manifest_uri}: the manifest write failed ({type(err).__name__}) and the "
+                f"manifest cannot be read back, so it is unknown whether {generation} or the "
+                "previous shards are live; nothing was deleted. Check the store, then write "
+                "again"
+            ) from None
+        _remove_quietly(generation_uri, options, "manifest not published")
+        raise
+    live = _live_generations(uri, options)
+    if live == {generation}:
+        return True
+    if live is None:
+        log.warning("%s written but not confirmed: previous shards kept", manifest_uri)
+        return False
+    raise StorageError(
+        f"{manifest_uri}: just written, yet it points at {sorted(live)}, not {generation} "
+        "(a concurrent write?); nothing was deleted"
+    )
 
 
 def _write_shards(
@@ -448,20 +536,56 @@ def read_split(
     return decode_table(pa.concat_tables(tables), manifest.modalities, norm)
 
 
+def read_verified(
+    payload: bytes, where: str, sha256: str, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """A shard's table from its bytes, after checking them against the manifest's SHA-256.
+
+    Why: size, footer and schema checks pass a shard with a flipped byte in a feature page;
+    only the checksum sees it, and decoding it would train on garbage without a word.
+    """
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != sha256:
+        raise DataError(
+            f"{where}: checksum mismatch (corrupt shard: sha256 {digest[:12]}..., "
+            f"the manifest says {sha256[:12]}...)"
+        )
+    try:
+        return pq.read_table(pa.BufferReader(payload), columns=columns)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{where}: cannot read shard ({err})") from None
+
+
 def iter_split_tables(
     manifest: Manifest,
     split: str,
     options: StorageOptions | None = None,
     columns: Sequence[str] | None = None,
+    *,
+    verify: bool = True,
 ) -> Iterator[pa.Table]:
-    """One Arrow table per shard of ``split``, in manifest order."""
+    """One Arrow table per shard of ``split``, in manifest order.
+
+    ``verify``: read whole shards and check their checksums (:func:`read_verified`); without
+    it only ``columns`` are read, unchecked (statistics, label keys).
+    """
     fs, _ = storage.resolve(manifest.uri, options)
-    for shard_uri in manifest.shard_uris(split):
+    for shard in manifest.shards:
+        if shard.split != split:
+            continue
+        shard_uri = storage.join(manifest.uri, shard.path)
         _, path = storage.resolve(shard_uri, options)
         try:
+            if verify:
+                yield read_verified(
+                    storage.read_bytes(shard_uri, options), shard_uri, shard.sha256, columns
+                )
+                continue
             table = pq.read_table(path, filesystem=fs, columns=columns)
         except FileNotFoundError:
             raise DataError(f"{shard_uri}: shard listed in the manifest is missing") from None
+        except (DataError, StorageError):
+            raise
         except (OSError, pa.ArrowException) as err:
             raise DataError(f"{shard_uri}: cannot read shard ({err})") from None
         yield table
@@ -472,7 +596,7 @@ def describe(manifest: Manifest, options: StorageOptions | None = None) -> dict[
     columns = ["label"] + [f"{m}_len" for m in MODALITIES]
     splits: dict[str, Any] = {}
     for split in manifest.counts:
-        tables = list(iter_split_tables(manifest, split, options, columns))
+        tables = list(iter_split_tables(manifest, split, options, columns, verify=False))
         if not tables:
             continue
         table = pa.concat_tables(tables)

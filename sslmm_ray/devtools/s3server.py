@@ -4,6 +4,12 @@ The server runs as its own subprocess and process group so that pyarrow talks to
 HTTP exactly as it would to AWS or MinIO; an in-process mock would hide networking bugs.
 ``python -m sslmm_ray.devtools.s3server --port 9000`` keeps one running for local development.
 
+Outages: moto keeps its state in memory, so a killed server forgets everything. To stage a
+real outage (the process gone, the port closed) :meth:`S3Server.snapshot` copies the bucket,
+:meth:`S3Server.kill` ends the process and :meth:`S3Server.restart` starts a new one on the
+same port that loads the copy *before* it listens, so no client ever sees a half-restored
+bucket.
+
 The credentials used here are moto's fake "testing" pair, never real ones.
 """
 
@@ -58,6 +64,35 @@ class S3Server:
             self._client = _boto3_client(self.endpoint, self.region)
         return self._client
 
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    def snapshot(self) -> dict[str, bytes]:
+        """Every object of the bucket (folder markers left out), for :meth:`restart`."""
+        out: dict[str, bytes] = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):
+                    body = self.client.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"]
+                    out[obj["Key"]] = body.read()
+        return out
+
+    def kill(self) -> None:
+        """End the server abruptly (SIGKILL): its port closes, its state is gone."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def restart(self, objects: dict[str, bytes], ready_timeout: float = 30.0) -> None:
+        """A new server on the same port, holding the bucket with ``objects`` when it listens."""
+        self.kill()
+        self.log_path.unlink(missing_ok=True)
+        new = start_s3_server(
+            self.bucket, self.port, self.region, ready_timeout, objects=objects
+        )
+        self.process, self.log_path, self._client = new.process, new.log_path, None
+
     def uri(self, prefix: str = "") -> str:
         return f"s3://{self.bucket}/{prefix.lstrip('/')}".rstrip("/")
 
@@ -84,14 +119,29 @@ def start_s3_server(
     port: int | None = None,
     region: str = "us-east-1",
     ready_timeout: float = 20.0,
+    objects: dict[str, bytes] | None = None,
 ) -> S3Server:
-    """Start ``moto_server`` on 127.0.0.1 (a free port unless given) and create ``bucket``."""
-    exe = _moto_server_executable()
+    """Start ``moto_server`` on 127.0.0.1 (a free port unless given) and create ``bucket``.
+
+    ``objects``: start a server that already holds ``bucket`` with these objects when its
+    port opens (see :meth:`S3Server.restart`).
+    """
     port = port or _free_port()
     log = Path(tempfile.mkstemp(prefix="moto-s3-", suffix=".log")[1])
+    if objects is None:
+        command = [str(_moto_server_executable()), "-H", _HOST, "-p", str(port)]
+    else:
+        seed = Path(tempfile.mkdtemp(prefix="moto-s3-seed-"))
+        for key, body in objects.items():
+            (seed / key).parent.mkdir(parents=True, exist_ok=True)
+            (seed / key).write_bytes(body)
+        command = [
+            sys.executable, "-m", "sslmm_ray.devtools.s3server",
+            "--port", str(port), "--bucket", bucket, "--serve-seeded", str(seed),
+        ]  # fmt: skip
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
-            [str(exe), "-H", _HOST, "-p", str(port)],
+            command,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -102,11 +152,36 @@ def start_s3_server(
     server = S3Server(endpoint=endpoint, bucket=bucket, region=region, process=proc, log_path=log)
     try:
         _wait_ready(server, ready_timeout)
-        server.client.create_bucket(Bucket=bucket)
+        if objects is None:
+            server.client.create_bucket(Bucket=bucket)
     except BaseException:
         server.stop()
         raise
+    finally:
+        if objects is not None:
+            shutil.rmtree(seed, ignore_errors=True)
     return server
+
+
+def _serve_seeded(port: int, bucket: str, seed: Path) -> None:
+    """Load ``seed`` (files named by key) into an in-process moto, then serve it on ``port``.
+
+    The objects are read before the port opens, so the seed may be deleted once it answers.
+    """
+    import boto3
+    from moto import mock_aws
+    from moto.server import ThreadedMotoServer
+
+    files = {p.relative_to(seed).as_posix(): p.read_bytes() for p in seed.rglob("*") if p.is_file()}
+    with mock_aws():  # the threaded server shares this process's in-memory backends
+        client = boto3.client("s3", region_name=FAKE_CREDENTIALS["AWS_REGION"])
+        client.create_bucket(Bucket=bucket)
+        for key, body in files.items():
+            client.put_object(Bucket=bucket, Key=key, Body=body)
+        server = ThreadedMotoServer(ip_address=_HOST, port=port, verbose=False)
+        server.start()
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        server.stop()
 
 
 def _moto_server_executable() -> Path:
@@ -163,7 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--bucket", default="sslmm")
+    parser.add_argument("--serve-seeded", type=Path, help=argparse.SUPPRESS)  # see restart()
     args = parser.parse_args(argv)
+    if args.serve_seeded is not None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        _serve_seeded(args.port, args.bucket, args.serve_seeded)
+        return
     server = start_s3_server(bucket=args.bucket, port=args.port)
     print(f"S3 server at {server.endpoint}, bucket s3://{server.bucket}")
     print(f"export SSLMM_S3_ENDPOINT={server.endpoint}")

@@ -31,7 +31,8 @@ def _metrics(model, manifest, split, spec, options, normalize: bool) -> dict[str
     from sslmm_ray.train.loop import predict
 
     ds = pipeline.split_dataset(manifest, split, spec, options, normalize=normalize)
-    preds, labels = predict(model, ds.iter_torch_batches(batch_size=256), torch.device("cpu"))
+    with pipeline.task_data_errors():
+        preds, labels = predict(model, ds.iter_torch_batches(batch_size=256), torch.device("cpu"))
     return mmsa.compute_metrics(preds, labels, manifest.family)
 
 

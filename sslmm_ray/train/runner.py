@@ -232,7 +232,7 @@ def run_stage(
     trainer = build_trainer(prep)
     with progress.follow(
         run_dir, prep.options, epochs=scfg.epochs, metric=prep.metric, title=stage
-    ):
+    ), pipeline.task_data_errors():
         result = trainer.fit()
     return finish_stage(prep, result, evaluate_test=evaluate_test)
 
