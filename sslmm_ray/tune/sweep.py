@@ -10,8 +10,8 @@ Storage layout under the sweep's URI (local or S3)::
     results/<cell>.json        the cell's outcome; written last, so it marks a finished cell
 
 Re-running the same command resumes: finished cells (a results file) are skipped, an interrupted
-cell is restored with ``Tuner.restore`` (searcher state included, unfinished trials resumed,
-errored ones restarted), and a trial whose Train run finished is never trained again.
+cell is restored with ``Tuner.restore`` (searcher state included, unfinished and errored trials
+resumed under their own ids, so from their Train runs' checkpoints), and a trial whose Train run finished is never trained again.
 
 Faults: Tune restarts a failed trial up to ``tune.max_failures`` times (its Train run resumes from
 its checkpoint). A cell with a trial still errored after that gets no results file: the other
@@ -212,8 +212,10 @@ def _tuner(
             exp_path,
             trainable=trainable,
             resume_unfinished=True,
-            resume_errored=False,
-            restart_errored=True,
+            # Same trial id, so its Train run (runs/<cell>/<trial_id>) resumes from its own
+            # checkpoint; restart_errored would make a new trial and train it from scratch.
+            resume_errored=True,
+            restart_errored=False,
             storage_filesystem=fs,
         )
     t = cfg.tune
