@@ -43,7 +43,7 @@ def test_second_holder_fails_fast_naming_the_first(target):
 
 def test_released_on_exceptions(target):
     with pytest.raises(ZeroDivisionError), locks.hold(target):
-        1 / 0
+        raise ZeroDivisionError("the writer failed")
     assert not storage.exists(locks.lock_uri(target))
 
 

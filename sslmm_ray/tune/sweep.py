@@ -11,7 +11,8 @@ Storage layout under the sweep's URI (local or S3)::
 
 Re-running the same command resumes: finished cells (a results file) are skipped, an interrupted
 cell is restored with ``Tuner.restore`` (searcher state included, unfinished and errored trials
-resumed under their own ids, so from their Train runs' checkpoints), and a trial whose Train run finished is never trained again.
+resumed under their own ids, so from their Train runs' checkpoints), and a trial whose Train
+run finished is never trained again.
 
 Faults: Tune restarts a failed trial up to ``tune.max_failures`` times (its Train run resumes from
 its checkpoint). A cell with a trial still errored after that gets no results file: the other
