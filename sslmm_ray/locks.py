@@ -34,8 +34,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, ParamSpec, TypeVar
 
-import pyarrow.fs as pafs
-
 from sslmm_ray import storage
 from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageError, StorageOptions
@@ -184,16 +182,24 @@ def _delete_if(uri: str, holder: Holder, options: StorageOptions | None) -> None
     except (ValueError, TypeError):
         current = None
     if current is None or current.token == holder.token:
-        with _quiet_missing():
-            storage.delete(uri, options)
+        _remove(uri, options)
 
 
-@contextmanager
-def _quiet_missing() -> Iterator[None]:
+def _remove(uri: str, options: StorageOptions | None) -> None:
+    """Delete the lock object itself (never a prefix, as ``storage.delete`` may)."""
+    if not storage.is_remote(uri):
+        try:
+            os.unlink(storage.resolve(uri)[1])
+        except FileNotFoundError:
+            pass
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, bucket, key, opts = _s3(uri, options)
     try:
-        yield
-    except FileNotFoundError:
-        pass
+        client.delete_object(Bucket=bucket, Key=key)  # absent keys are fine on S3
+    except (BotoCoreError, ClientError) as exc:
+        raise _s3_error(uri, opts, exc) from None
 
 
 # --------------------------------------------------------------------------- the lock
@@ -239,7 +245,7 @@ def release(target: str, holder: Holder, options: StorageOptions | None = None) 
     """Give the lock back (only ours: a lock broken and re-taken by another is left alone)."""
     try:
         _delete_if(lock_uri(target), holder, options)
-    except (OSError, pafs.ArrowException) as exc:  # never hide the writer's own outcome
+    except (OSError, UserError) as exc:  # never hide the writer's own outcome
         log.warning("could not release the lock of %s: %s", target, exc)
 
 
