@@ -4,15 +4,22 @@ Each entry point is ``sslmm <subcommand>`` under another name: it takes exactly 
 that subcommand (``python jobs/finetune.py --help`` prints them) and exits with the CLI's status,
 so a user error (bad option, bad config, unreachable storage) fails the Ray job with the CLI's
 one-line message in ``ray job logs``.
+
+Cluster workers may be spot instances that disappear: unless the job's environment says
+otherwise, training and trials restart up to ``CLUSTER_MAX_FAILURES`` times
+(``SSLMM_MAX_FAILURES``; a config file or ``--max-failures`` still wins). The local ``sslmm``
+keeps 0, where a failure is a bug to see at once.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 #: The repository root when this file runs from a checkout or from a job's working_dir.
 ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_MAX_FAILURES = "3"
 
 
 def option_value(args: list[str], name: str) -> str | None:
@@ -49,6 +56,7 @@ def _main(args: list[str]) -> None:
         sys.path.insert(0, str(ROOT))
     from sslmm_ray.cli import main
 
+    os.environ.setdefault("SSLMM_MAX_FAILURES", CLUSTER_MAX_FAILURES)
     sys.argv = ["sslmm", *args]
     try:
         main()

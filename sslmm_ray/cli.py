@@ -242,8 +242,15 @@ Workers = Annotated[int | None, typer.Option(help="Ray Train workers (DDP).")]
 Gpus = Annotated[bool | None, typer.Option("--gpus/--no-gpus", help="One GPU per worker (nccl).")]
 Epochs = Annotated[int | None, typer.Option(help="Training epochs.")]
 MaxFailures = Annotated[int | None, typer.Option(
-    help="Restarts of a failed worker group from its latest checkpoint.")]
+    help="Restarts of a failed worker group from its latest checkpoint (default 0; "
+         "SSLMM_MAX_FAILURES changes it: the cluster jobs set 3).")]
 Seed = Annotated[int | None, typer.Option(help="Seed for splits, masks and initialisation.")]
+BreakLock = Annotated[bool, typer.Option(
+    "--break-lock", help="Take over the lock of a writer that is gone (its error names it).")]
+AllowConfigChange = Annotated[bool, typer.Option(
+    "--allow-config-change",
+    help="Resume a run directory under settings other than its config.json (kept as "
+         "config.before-<time>.json).")]
 
 
 @app.command()
@@ -261,6 +268,8 @@ def pretrain(
     config: ConfigFile = None,
     overrides: Overrides = None,
     s3_endpoint: S3Endpoint = None,
+    allow_config_change: AllowConfigChange = False,
+    break_lock: BreakLock = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Self-supervised pre-training on every training sample (labels never read)."""
@@ -273,7 +282,8 @@ def pretrain(
                   "max_failures": max_failures, "seed": seed, "missing_rate": missing_rate,
                   "protocol": protocol.value if protocol else None},
     )
-    result = run_stage("pretrain", cfg, run_dir)
+    result = run_stage("pretrain", cfg, run_dir, allow_config_change=allow_config_change,
+                       break_lock=break_lock)
     _emit({"run_dir": result.run_dir, "checkpoint": result.checkpoint, "best": result.best},
           as_json)
 
@@ -306,6 +316,8 @@ def finetune(
     config: ConfigFile = None,
     overrides: Overrides = None,
     s3_endpoint: S3Endpoint = None,
+    allow_config_change: AllowConfigChange = False,
+    break_lock: BreakLock = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Semi-supervised fine-tuning with modality reconstruction; writes metrics.json."""
@@ -323,7 +335,8 @@ def finetune(
             "epochs": epochs, "max_failures": max_failures, "seed": seed,
         },
     )
-    result = run_stage("finetune", cfg, run_dir)
+    result = run_stage("finetune", cfg, run_dir, allow_config_change=allow_config_change,
+                       break_lock=break_lock)
     if as_json:
         _emit({"run_dir": result.run_dir, "checkpoint": result.checkpoint,
                "valid": result.best, "test": result.test}, True)
@@ -467,9 +480,12 @@ def tune(
     baseline: Annotated[bool, typer.Option(
         "--baseline", help="Also run each cell's supervised-only baseline.")] = False,
     seed: Annotated[int | None, typer.Option(help="Searcher (TPE) seed.")] = None,
+    max_failures: Annotated[int | None, typer.Option(
+        help="Restarts of a failed trial (default 0; SSLMM_MAX_FAILURES changes it).")] = None,
     config: ConfigFile = None,
     overrides: Overrides = None,
     s3_endpoint: S3Endpoint = None,
+    break_lock: BreakLock = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Hyper-parameter search (Ray Tune + Optuna) in every (label ratio, missing rate) cell."""
@@ -486,9 +502,11 @@ def tune(
                               if missing_rates else None),
             "samples": samples, "concurrency": concurrency,
             "workers_per_trial": workers_per_trial, "asha": asha, "seed": seed,
+            "max_failures": max_failures,
         },
     )
-    result = run_sweep(cfg, storage_uri, baseline=baseline, verbose=0 if as_json else 1)
+    result = run_sweep(cfg, storage_uri, baseline=baseline, verbose=0 if as_json else 1,
+                       break_lock=break_lock)
     if as_json:
         _emit(result, True)
         return

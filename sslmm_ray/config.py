@@ -3,12 +3,20 @@
 One :class:`ExperimentConfig` holds a section per stage. It is loaded from YAML or JSON plus
 dotted command-line overrides (``finetune.tau=0.9``), validated by pydantic (unknown keys and
 out-of-range values are errors that name the key), and saved as ``config.json`` with each run.
+Floats must be finite (an ``inf`` learning rate or a ``nan`` threshold is never meant) and seeds
+lie in ``[0, 2**32)``, the range NumPy's generators accept.
+
+``max_failures`` (Train restarts of a worker group, Tune restarts of a trial) defaults to 0 on a
+laptop, where a failure is a bug to see at once. ``SSLMM_MAX_FAILURES`` changes that default
+(a config file, ``--set`` or ``--max-failures`` still win): the cluster entry points (``jobs/``)
+and the infra job definitions set it to 3, since their workers run on spot capacity.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,13 +32,18 @@ class ConfigError(UserError):
     """A configuration value or key is wrong; the message names the key."""
 
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 OpenProb = Annotated[float, Field(ge=0.0, lt=1.0)]
 PosInt = Annotated[int, Field(ge=1)]
 NonNegFloat = Annotated[float, Field(ge=0.0)]
 LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+MaxFailures = Annotated[int, Field(ge=-1)]  # -1: retry forever
+
+#: Environment variable: the default ``max_failures`` of pretrain, finetune and tune.
+MAX_FAILURES_ENV = "SSLMM_MAX_FAILURES"
 
 Protocol = Literal["modality", "frame"]
 MODALITIES: tuple[str, ...] = ("text", "audio", "vision")
@@ -104,9 +117,9 @@ class TrainingConfig:
     workers: PosInt = 1
     cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     gpus: bool = False
-    max_failures: Annotated[int, Field(ge=-1)] = 0
+    max_failures: MaxFailures = 0
     patience: Annotated[int, Field(ge=0)] = 0
-    seed: int = 0
+    seed: Seed = 0
 
 
 @dataclass(config=_STRICT)
@@ -194,7 +207,10 @@ class TuneConfig:
     concurrency: PosInt = 1
     workers_per_trial: PosInt = 1
     asha: bool = False
-    seed: int = 0
+    seed: Seed = 0
+    # Tune restarts of a failed trial (its Train run resumes from its latest checkpoint); a
+    # cell with a trial still errored after them is not recorded as done.
+    max_failures: MaxFailures = 0
 
 
 @dataclass(config=_STRICT)
@@ -260,8 +276,31 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
+def _env_defaults() -> dict[str, Any]:
+    """Defaults that the deployment sets through the environment (``SSLMM_MAX_FAILURES``)."""
+    raw = os.environ.get(MAX_FAILURES_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{MAX_FAILURES_ENV} must be an integer, got {raw!r}") from None
+    return {section: {"max_failures": value} for section in ("pretrain", "finetune", "tune")}
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Defaults, then the file (YAML or JSON), then the overrides; validated once at the end."""
+    """Defaults (``SSLMM_MAX_FAILURES`` included), then the file (YAML or JSON), then the
+    overrides; validated once at the end."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -278,6 +317,7 @@ def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Exper
             raise ConfigError(f"config file {p} must hold a mapping of sections")
         data = loaded
         source = str(p)
+    data = _merge(_env_defaults(), data)
     overrides = list(overrides)
     if overrides:
         data = apply_overrides(data, overrides)
@@ -291,3 +331,37 @@ def replace(cfg: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentC
     for name, values in sections.items():
         data[name].update({k: v for k, v in values.items() if v is not None})
     return from_dict(data, "command line")
+
+
+#: Settings that may differ when a run resumes: where and how it runs, not what it learns.
+#: ``epochs`` may grow (extend a finished run) but not shrink below the run's checkpoints;
+#: ``workers`` may change because ``batch_size`` is global (split across workers), so a
+#: resumed run on fewer or more (spot) nodes optimises the same objective.
+RESUMABLE = {
+    "data": frozenset({"s3_endpoint", "read_parallelism", "cache_mb"}),
+    "model": frozenset({"backend"}),
+    "stage": frozenset({"epochs", "workers", "cpus_per_worker", "gpus", "max_failures"}),
+}
+
+
+def resume_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], stage: str
+) -> list[str]:
+    """``section.key: saved -> current`` for each setting of ``stage`` a resume may not change.
+
+    Only the sections the stage reads are compared (a fine-tuning run ignores ``pretrain``
+    and ``tune``). A key the saved config lacks was added by a later version: not compared.
+    """
+    diffs = []
+    for section in ("data", "model", stage):
+        allowed = RESUMABLE["stage" if section == stage else section]
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        for key, value in new.items():
+            if key not in old or old[key] == value:
+                continue
+            if key == "epochs" and value >= old[key]:
+                continue  # extending; shrinking would end before the saved checkpoints
+            if key in allowed and key != "epochs":
+                continue
+            diffs.append(f"{section}.{key}: {old[key]!r} -> {value!r}")
+    return diffs

@@ -80,3 +80,69 @@ def test_normalize_defaults_on_and_can_be_switched_off():
     cfg = config.load(overrides=["data.normalize=false"])
     assert cfg.data.normalize is False
     assert config.from_dict(json.loads(cfg.to_json())).data.normalize is False
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "finetune.weight_decay=.inf",  # NonNegFloat: inf passed ge=0 before
+        "pretrain.grad_clip=.inf",
+        "finetune.lambda_rec=.nan",
+        "pretrain.temperature=.inf",
+        "finetune.cpus_per_worker=.inf",
+        "finetune.confidence_kappa=.nan",
+        "tune.label_ratios=[.nan]",
+    ],
+)
+def test_infinite_and_nan_floats_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"'{key}[.0-9]*': .*finite"):
+        config.load(overrides=[override])
+
+
+@pytest.mark.parametrize("section", ["pretrain", "finetune", "tune"])
+def test_seeds_are_bounded(section):
+    assert getattr(config.load(overrides=[f"{section}.seed={2**32 - 1}"]), section).seed
+    for bad in (-1, 2**32):
+        with pytest.raises(ConfigError, match=f"'{section}.seed'"):
+            config.load(overrides=[f"{section}.seed={bad}"])
+
+
+def test_max_failures_default_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(config.MAX_FAILURES_ENV, raising=False)
+    cfg = config.load()
+    assert (cfg.pretrain.max_failures, cfg.finetune.max_failures, cfg.tune.max_failures) == (
+        0, 0, 0)  # local runs: a failure is a bug to see at once
+    monkeypatch.setenv(config.MAX_FAILURES_ENV, "3")  # what the cluster jobs set
+    cfg = config.load()
+    assert (cfg.pretrain.max_failures, cfg.finetune.max_failures, cfg.tune.max_failures) == (
+        3, 3, 3)
+    path = tmp_path / "exp.yaml"
+    path.write_text("finetune:\n  max_failures: 1\n")
+    cfg = config.load(path, ["tune.max_failures=5"])  # file and overrides still win
+    assert (cfg.pretrain.max_failures, cfg.finetune.max_failures, cfg.tune.max_failures) == (
+        3, 1, 5)
+    monkeypatch.setenv(config.MAX_FAILURES_ENV, "many")
+    with pytest.raises(ConfigError, match="SSLMM_MAX_FAILURES"):
+        config.load()
+
+
+def test_resume_differences_name_what_may_not_change():
+    saved = config.load(overrides=["finetune.epochs=5", "finetune.workers=2"]).to_dict()
+
+    def diffs(*overrides: str) -> list[str]:
+        now = config.load(overrides=["finetune.epochs=5", "finetune.workers=2", *overrides])
+        return config.resume_differences(saved, now.to_dict(), "finetune")
+
+    assert diffs() == []
+    # where and how long it runs may change
+    assert diffs("finetune.epochs=8", "finetune.workers=1", "finetune.max_failures=3",
+                 "data.s3_endpoint=http://x:9000", "model.backend=dense",
+                 "pretrain.lr=0.01",
+                 "tune.samples=3") == []
+    # what it learns may not, and neither may fewer epochs than it has checkpoints for
+    assert diffs("finetune.tau=0.8", "model.hidden=32", "finetune.epochs=4") == [
+        "model.hidden: 64 -> 32", "finetune.epochs: 5 -> 4", "finetune.tau: 0.95 -> 0.8"]
+    legacy = {**saved, "data": {k: v for k, v in saved["data"].items() if k != "normalize"}}
+    now = config.load(overrides=["finetune.epochs=5", "finetune.workers=2"]).to_dict()
+    assert config.resume_differences(legacy, now, "finetune") == []  # key added later

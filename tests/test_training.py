@@ -119,8 +119,9 @@ def _finetune_cli(data: str, run_dir: str, epochs: int) -> list[str]:
 
 def test_resume_after_driver_killed(ray_cluster, local_data, tmp_path):
     epochs = 3
-    reference = run_stage("finetune", tiny_config(
-        local_data, f"finetune.epochs={epochs}", "finetune.workers=1"), str(tmp_path / "ref"))
+    # the settings the CLI below passes (a resume under other settings is refused)
+    same = (f"finetune.epochs={epochs}", "finetune.workers=1", "finetune.missing_rate=0.3")
+    reference = run_stage("finetune", tiny_config(local_data, *same), str(tmp_path / "ref"))
     # finetune.selection (default MAE) picked the checkpoint; the searcher sees best-so-far
     maes = [h["valid_MAE"] for h in reference.history]
     assert reference.best["valid_MAE"] == min(maes)
@@ -145,8 +146,7 @@ def test_resume_after_driver_killed(ray_cluster, local_data, tmp_path):
     done_before = epochs_done(run_dir)
     assert done_before and done_before[-1] < epochs - 1, done_before
 
-    resumed = run_stage("finetune", tiny_config(
-        local_data, f"finetune.epochs={epochs}", "finetune.workers=1"), run_dir)
+    resumed = run_stage("finetune", tiny_config(local_data, *same), run_dir)
     history = RunLog.read(run_dir, storage.StorageOptions())
     assert [int(h["epoch"]) for h in history] == list(range(epochs))  # none repeated or lost
     assert history[0] == first  # epoch 0 was not trained again

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from sslmm_ray import storage
+from sslmm_ray import locks, storage
 from sslmm_ray.config import MODALITIES
 from sslmm_ray.data.normalize import (
     Normalizer,
@@ -258,6 +258,7 @@ def _remove_quietly(uri: str, options: StorageOptions | None, why: str) -> None:
         log.warning("could not remove %s (%s): %s", uri, why, err)
 
 
+@locks.exclusive("uri", what="dataset")  # two writers of one URI would mix generations
 def write_dataset(
     raw: RawDataset,
     uri: str,

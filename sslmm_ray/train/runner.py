@@ -2,12 +2,16 @@
 
 A run directory (local or S3) is Ray Train's run folder (``storage_path/name``): Ray writes the
 checkpoints there, and this module adds ``config.json`` (before training), ``best.json`` and
-``metrics.json`` (after). Running the same stage with the same run directory resumes it.
+``metrics.json`` (after). Running the same stage with the same run directory resumes it, with the
+settings it started with: a resume whose settings differ from ``config.json`` is refused
+(:func:`sslmm_ray.config.resume_differences` says which keys may change). One driver at a time
+writes a run directory (:mod:`sslmm_ray.locks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +21,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from sslmm_ray import config as config_mod
-from sslmm_ray import ray_env, storage
+from sslmm_ray import locks, ray_env, storage
 from sslmm_ray.config import ExperimentConfig, ModelConfig, from_dict
 from sslmm_ray.data import pipeline, store
 from sslmm_ray.errors import UserError
@@ -29,6 +33,8 @@ from sslmm_ray.train.loop import selection, stage_config, train_loop
 from sslmm_ray.train.runlog import RunLog
 
 log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
 
 
 @dataclass
@@ -121,8 +127,14 @@ class PreparedStage:
     mode: str
 
 
-def prepare_stage(stage: str, cfg: ExperimentConfig, run_dir: str) -> PreparedStage:
-    """Open the data, resolve the pretrained model, write ``config.json``; no training yet."""
+def prepare_stage(
+    stage: str, cfg: ExperimentConfig, run_dir: str, *, allow_config_change: bool = False
+) -> PreparedStage:
+    """Open the data, resolve the pretrained model, write ``config.json``; no training yet.
+
+    Resuming (``config.json`` exists) with settings other than the saved ones is refused unless
+    ``allow_config_change``: the checkpoints would silently continue under another experiment.
+    """
     if stage not in ("pretrain", "finetune"):
         raise ValueError(f"unknown stage {stage!r}")
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
@@ -135,9 +147,32 @@ def prepare_stage(stage: str, cfg: ExperimentConfig, run_dir: str) -> PreparedSt
         datasets = pipeline.finetune_datasets(manifest, cfg, options)
     else:
         datasets = pipeline.pretrain_datasets(manifest, cfg, options)
-    storage.write_json(storage.join(run_dir, "config.json"), cfg.to_dict(), options)
+    _save_config(stage, cfg, run_dir, options, allow_config_change)
     metric, mode = selection(stage, manifest.family, cfg)
     return PreparedStage(stage, cfg, run_dir, options, manifest, datasets, pretrained, metric, mode)
+
+
+def _save_config(
+    stage: str, cfg: ExperimentConfig, run_dir: str, options: StorageOptions, allow: bool
+) -> None:
+    uri = storage.join(run_dir, CONFIG)
+    current = cfg.to_dict()
+    if storage.exists(uri, options):
+        saved = storage.read_json(uri, options)
+        diffs = config_mod.resume_differences(saved, current, stage)
+        if diffs and not allow:
+            raise config_mod.ConfigError(
+                f"run directory {run_dir} was started with other settings ({'; '.join(diffs)}): "
+                "re-run with the saved settings to resume it, pass --allow-config-change to "
+                "resume under the new ones, or use a new --run-dir"
+            )
+        if diffs:
+            stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
+            kept = storage.join(run_dir, f"config.before-{stamp}.json")
+            storage.write_json(kept, saved, options)
+            log.warning("%s: resuming with changed settings (%s); the old ones are in %s",
+                        run_dir, "; ".join(diffs), kept)
+    storage.write_json(uri, current, options)
 
 
 def build_trainer(prep: PreparedStage, callbacks: list[Any] | None = None) -> TorchTrainer:
@@ -214,9 +249,17 @@ def finish_stage(
 
 
 def run_stage(
-    stage: str, cfg: ExperimentConfig, run_dir: str, *, evaluate_test: bool = True
+    stage: str,
+    cfg: ExperimentConfig,
+    run_dir: str,
+    *,
+    evaluate_test: bool = True,
+    allow_config_change: bool = False,
+    break_lock: bool = False,
 ) -> StageResult:
-    """Train one stage end to end and publish its outputs in ``run_dir``."""
+    """Train one stage end to end and publish its outputs in ``run_dir``.
+
+    The run directory is locked for the whole stage (``break_lock`` takes over a stale lock)."""
     if stage not in ("pretrain", "finetune"):
         raise ValueError(f"unknown stage {stage!r}")
     scfg = stage_config(cfg, stage)
@@ -228,13 +271,16 @@ def run_stage(
         use_gpu=scfg.gpus,
         what=f"{stage} with {scfg.workers} workers",
     )
-    prep = prepare_stage(stage, cfg, run_dir)
-    trainer = build_trainer(prep)
-    with progress.follow(
-        run_dir, prep.options, epochs=scfg.epochs, metric=prep.metric, title=stage
-    ), pipeline.task_data_errors():
-        result = trainer.fit()
-    return finish_stage(prep, result, evaluate_test=evaluate_test)
+    options = StorageOptions.from_env(cfg.data.s3_endpoint)
+    with locks.hold(run_dir, options, what="run directory", break_lock=break_lock,
+                    break_hint="--break-lock"):
+        prep = prepare_stage(stage, cfg, run_dir, allow_config_change=allow_config_change)
+        trainer = build_trainer(prep)
+        with progress.follow(
+            run_dir, prep.options, epochs=scfg.epochs, metric=prep.metric, title=stage
+        ), pipeline.task_data_errors():
+            result = trainer.fit()
+        return finish_stage(prep, result, evaluate_test=evaluate_test)
 
 
 def _checkpoint_uri(run_dir: str, checkpoint: ray.train.Checkpoint) -> str:

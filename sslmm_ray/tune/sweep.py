@@ -10,8 +10,14 @@ Storage layout under the sweep's URI (local or S3)::
     results/<cell>.json        the cell's outcome; written last, so it marks a finished cell
 
 Re-running the same command resumes: finished cells (a results file) are skipped, an interrupted
-cell is restored with ``Tuner.restore`` (searcher state included, unfinished trials resumed,
-errored ones restarted), and a trial whose Train run finished is never trained again.
+cell is restored with ``Tuner.restore`` (searcher state included, unfinished and errored trials
+resumed under their own ids, so from their Train runs' checkpoints), and a trial whose Train
+run finished is never trained again.
+
+Faults: Tune restarts a failed trial up to ``tune.max_failures`` times (its Train run resumes from
+its checkpoint). A cell with a trial still errored after that gets no results file: the other
+cells go on, the sweep then fails naming the cell, and re-running the command retries it. One
+sweep at a time writes a storage folder (:mod:`sslmm_ray.locks`).
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
 
+from sslmm_ray import locks, ray_env, storage
 from sslmm_ray import metrics as mmsa
-from sslmm_ray import ray_env, storage
 from sslmm_ray.config import ExperimentConfig, from_dict
 from sslmm_ray.data import store
 from sslmm_ray.errors import UserError
@@ -47,7 +54,20 @@ BASELINE = "baseline"
 #: hold the CPUs. ``max_concurrent_trials`` bounds how many run at once.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}  # Tune rejects an empty bundle
 #: Settings that may differ between runs of the same sweep (the grid can grow).
-_MAY_CHANGE = {("tune", "label_ratios"), ("tune", "missing_rates"), ("data", "s3_endpoint")}
+_MAY_CHANGE = {
+    ("tune", "label_ratios"), ("tune", "missing_rates"), ("data", "s3_endpoint"),
+    ("tune", "max_failures"), ("finetune", "max_failures"),  # failure budgets, not results
+}
+#: The Tune function of every trial (``run_sweep(trial_fn=...)`` wraps it, e.g. in tests).
+TrialFn = Callable[..., None]
+
+
+class CellFailed(RuntimeError):
+    """A cell's search ended with errored trials; it is not recorded as done."""
+
+
+class SweepIncomplete(UserError):
+    """Some cells failed; the finished ones are kept and a re-run retries the others."""
 
 
 @dataclass(frozen=True)
@@ -114,11 +134,18 @@ def _check_same_sweep(cfg: ExperimentConfig, layout: Layout, options: StorageOpt
 
 
 def run_sweep(
-    cfg: ExperimentConfig, storage_uri: str, *, baseline: bool = False, verbose: int = 1
+    cfg: ExperimentConfig,
+    storage_uri: str,
+    *,
+    baseline: bool = False,
+    verbose: int = 1,
+    break_lock: bool = False,
+    trial_fn: TrialFn = trial.run_trial,
 ) -> dict[str, Any]:
     """Search every cell of the grid (resuming what is there) and return the cells' results.
 
-    ``verbose`` is Tune's (0 keeps stdout clean for ``--json``)."""
+    ``verbose`` is Tune's (0 keeps stdout clean for ``--json``). The storage folder is locked
+    for the whole sweep (``break_lock`` takes over a stale lock)."""
     started = time.monotonic()
     cfg = sweep_config(cfg)
     info = ray_env.init()
@@ -128,18 +155,29 @@ def run_sweep(
     selected = selection("finetune", manifest.family, cfg)
     headline = mmsa.headline_metric(manifest.family)
     layout = Layout(storage_uri.rstrip("/"))
-    _check_same_sweep(cfg, layout, options)
-    cells = space.grid(cfg.tune.label_ratios, cfg.tune.missing_rates)
-    results, skipped = [], []
-    for cell in cells:
-        if storage.exists(layout.result(cell), options):
-            log.info("cell %s: finished earlier, skipped", cell.name)
-            skipped.append(cell.name)
-            results.append(storage.read_json(layout.result(cell), options))
-            continue
-        results.append(
-            run_cell(cfg, cell, layout, options, selected, headline, baseline=baseline,
-                     verbose=verbose)
+    with locks.hold(layout.root, options, what="sweep storage", break_lock=break_lock,
+                    break_hint="--break-lock"):
+        _check_same_sweep(cfg, layout, options)
+        cells = space.grid(cfg.tune.label_ratios, cfg.tune.missing_rates)
+        results, skipped, failed = [], [], []
+        for cell in cells:
+            if storage.exists(layout.result(cell), options):
+                log.info("cell %s: finished earlier, skipped", cell.name)
+                skipped.append(cell.name)
+                results.append(storage.read_json(layout.result(cell), options))
+                continue
+            try:
+                results.append(
+                    run_cell(cfg, cell, layout, options, selected, headline,
+                             baseline=baseline, verbose=verbose, trial_fn=trial_fn)
+                )
+            except CellFailed as err:
+                log.error("%s", err)
+                failed.append(str(err))
+    if failed:
+        raise SweepIncomplete(
+            f"{len(failed)} of {len(cells)} cells did not finish ({' | '.join(failed)}); "
+            f"finished cells are kept: re-run the same command to retry the others"
         )
     return {
         "storage": storage_uri,
@@ -153,7 +191,7 @@ def run_sweep(
 
 def _tuner(
     cfg: ExperimentConfig, cell: Cell, layout: Layout, selected: tuple[str, str],
-    verbose: int = 1,
+    verbose: int = 1, trial_fn: TrialFn = trial.run_trial,
 ) -> tune.Tuner:
     """A new Tuner for the cell, or the interrupted one restored from storage.
 
@@ -166,7 +204,7 @@ def _tuner(
     storage_path, fs = storage.ray_storage(layout.root, options)
     exp_path, _ = storage.ray_storage(layout.cell_dir(cell), options)
     trainable = tune.with_resources(
-        tune.with_parameters(trial.run_trial, base=cfg.to_dict(), runs_uri=layout.runs(cell)),
+        tune.with_parameters(trial_fn, base=cfg.to_dict(), runs_uri=layout.runs(cell)),
         TRIAL_DRIVER_RESOURCES,
     )
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
@@ -175,8 +213,10 @@ def _tuner(
             exp_path,
             trainable=trainable,
             resume_unfinished=True,
-            resume_errored=False,
-            restart_errored=True,
+            # Same trial id, so its Train run (runs/<cell>/<trial_id>) resumes from its own
+            # checkpoint; restart_errored would make a new trial and train it from scratch.
+            resume_errored=True,
+            restart_errored=False,
             storage_filesystem=fs,
         )
     t = cfg.tune
@@ -209,6 +249,8 @@ def _tuner(
             storage_path=storage_path,
             storage_filesystem=fs,
             verbose=verbose,
+            # Restored searches keep the failure budget they started with (Tune's rule).
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
         ),
     )
 
@@ -223,15 +265,23 @@ def run_cell(
     *,
     baseline: bool = False,
     verbose: int = 1,
+    trial_fn: TrialFn = trial.run_trial,
 ) -> dict[str, Any]:
     """Search one cell, test its best trial once, optionally run its baseline; publish.
 
     ``selected`` is the (metric, mode) that ranks trials and checkpoints; ``headline`` the
-    metric that reports show (Non0_acc_2 or Mult_acc_2)."""
+    metric that reports show (Non0_acc_2 or Mult_acc_2). A trial still errored after its
+    restarts raises :class:`CellFailed` before anything is published: a results file would mark
+    the cell done, and its search would never be completed."""
     metric, mode = selected
     started = time.monotonic()
-    grid = _tuner(cfg, cell, layout, selected, verbose).fit()
+    grid = _tuner(cfg, cell, layout, selected, verbose, trial_fn).fit()
     search_wall_s = time.monotonic() - started
+    errored = [r for r in grid if r.error]
+    if errored:
+        detail = "; ".join(_first_line(r.error) for r in errored)[:1000]
+        raise CellFailed(f"cell {cell.name}: {len(errored)} of {len(grid)} trials errored "
+                         f"({detail})")
     trials = [_trial_record(r, layout.runs(cell), metric, mode, options) for r in grid]
     trials = [t for t in trials if t is not None]
     scored = [t for t in trials if not math.isnan(t["best_valid"])]
@@ -266,6 +316,11 @@ def run_cell(
     }
     storage.write_json(layout.result(cell), result, options)
     return result
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def _strip(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
