@@ -400,7 +400,7 @@ def read_json(uri: str, options: StorageOptions | None = None) -> Any:
     data = read_bytes(uri, options)
     try:
         return json.loads(data)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
         raise StorageError(f"{uri} is not valid JSON: {exc}") from None
 
 
