@@ -133,15 +133,21 @@ def _create(uri: str, body: bytes, options: StorageOptions | None) -> bool:
     """Create the object only if absent; False when it already exists."""
     if not storage.is_remote(uri):
         path = storage.resolve(uri)[1]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
+        except OSError as exc:
+            raise storage.local_failure(uri, exc) from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            os.unlink(path)
+            raise storage.local_failure(uri, exc) from None
         return True
     from botocore.exceptions import BotoCoreError, ClientError
 

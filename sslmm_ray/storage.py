@@ -30,6 +30,7 @@ more than ``SLOW_S`` seconds, and the final failure. Remote I/O errors surface a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -325,6 +326,24 @@ def _describe_failure(uri: str, opts: StorageOptions, bucket: str, exc: BaseExce
     return f"{where} failed while accessing {uri}: {detail}"
 
 
+_LOCAL_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file size limit was reached",
+    errno.EROFS: "the destination is on a read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def local_failure(uri: str, exc: OSError) -> StorageError:
+    """A local OSError as one line naming the path and the likely cause (full disk, ...)."""
+    detail = exc.strerror or type(exc).__name__
+    hint = _LOCAL_HINTS.get(exc.errno or 0)
+    why = f"{hint} ({detail})" if hint else detail
+    return StorageError(f"cannot write or read {redact(uri)}: {why}")
+
+
 @contextmanager
 def _io(uri: str, options: StorageOptions | None) -> Iterator[tuple[pafs.FileSystem, str]]:
     """Resolve ``uri`` and turn remote OSErrors into StorageError naming the endpoint."""
@@ -339,7 +358,7 @@ def _io(uri: str, options: StorageOptions | None) -> Iterator[tuple[pafs.FileSys
         raise
     except OSError as exc:
         if parsed.scheme == "local":
-            raise
+            raise local_failure(uri, exc) from None
         msg = _describe_failure(uri, _options(options), parsed.bucket, exc)
         log.warning("%s (gave up after %.1f s)", msg, time.monotonic() - start)
         raise StorageError(msg) from None  # no chain: the raw text could hold unscrubbed data

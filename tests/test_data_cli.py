@@ -159,3 +159,33 @@ def test_unreachable_endpoint_console_script(tmp_path: Path) -> None:
     assert "attempt" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert elapsed < 60
+
+
+def _limit_file_size() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # writes past 1 MiB fail
+
+
+@pytest.mark.parametrize("case", ["full disk", "unwritable"])
+def test_full_or_unwritable_destination_is_one_line(tmp_path: Path, case: str) -> None:
+    """A write that the file system refuses is exit 2 with one line, and nothing is published.
+
+    "full disk": a 1 MiB file-size limit on the child (EFBIG, as ENOSPC would stop it midway);
+    "unwritable": sysfs refuses new folders even to root, so no chmod trick is needed.
+    """
+    out = tmp_path / "data" if case == "full disk" else Path(f"/sys/sslmm-{uuid.uuid4().hex}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sslmm_ray.cli", "data", "synth", "--scale", "0.05",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        preexec_fn=_limit_file_size if case == "full disk" else None,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(out) in lines[0]
+    assert not (out / store.MANIFEST).exists()
+    if case == "full disk":
+        assert "file size limit" in lines[0]
+        assert not list(out.glob("**/*.parquet")), "a half-written shard was left behind"

@@ -2,8 +2,8 @@
 
 A manifest is the store's root of trust (shapes, shard paths, counts, statistics). Whatever a
 byte flip, a truncation or an edited field makes of it, opening and reading the dataset ends in
-success or a one-line user error (exit 2 in the CLI), never another exception, and nothing outside the
-dataset folder is read.
+success or a one-line user error (exit 2 in the CLI), never another exception, and nothing
+outside the dataset folder is read.
 """
 
 from __future__ import annotations
