@@ -202,7 +202,7 @@ def test_unreachable_endpoint_bounded_and_named(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     endpoint = f"http://127.0.0.1:{_closed_port()}"
-    # Two SDK retries keep this fast; the default budget (~25 s, S3_MAX_RETRIES) is shown to
+    # Two SDK retries keep this fast; the default budget (~51 s, S3_MAX_RETRIES) is shown to
     # ride out a real outage in test_store_safety.py.
     opts = StorageOptions(endpoint=endpoint, region="us-east-1", retries=2)
     messages = []

@@ -133,6 +133,25 @@ def test_same_size_corrupt_shard_refused_on_read(s3: S3Server, tmp_path: Path, r
         store.read_split(remote, "valid", s3.options)
 
 
+def test_stores_without_xxh3_are_checked_with_sha256(tmp_path: Path, raw) -> None:
+    """Reads check XXH3 (fast); a manifest written before it existed falls back to SHA-256."""
+    uri = str(tmp_path / "ds")
+    manifest = store.write_dataset(raw, uri, shard_rows=16)
+    assert all(len(s.xxh3) == 16 for s in manifest.shards)
+    data = json.loads((Path(uri) / store.MANIFEST).read_text())
+    for shard in data["shards"]:
+        del shard["xxh3"]
+    (Path(uri) / store.MANIFEST).write_text(json.dumps(data))
+    old = store.open_dataset(uri)
+    assert all(not s.xxh3 for s in old.shards)
+    store.read_split(old, "test")  # intact: reads
+    shard = next(s for s in old.shards if s.split == "test")
+    path = Path(uri) / shard.path
+    path.write_bytes(_flip_middle_byte(path.read_bytes()))
+    with pytest.raises(DataError, match=r"checksum mismatch \(corrupt shard: sha256"):
+        store.read_split(old, "test")
+
+
 def test_corrupt_shard_stops_the_ray_stream(ray_cluster, tmp_path: Path, raw) -> None:
     uri = str(tmp_path / "ds")
     manifest = store.write_dataset(raw, uri, shard_rows=16)

@@ -41,6 +41,7 @@ from sslmm_ray.data.sources import DataError
 from sslmm_ray.data.store import (
     Manifest,
     ModalitySpec,
+    ShardInfo,
     decode_table,
     iter_split_tables,
     read_verified,
@@ -67,7 +68,7 @@ def _decode(
 
 def _verify_decode(
     files: pa.Table,
-    checksums: dict[str, tuple[str, str]],
+    checksums: dict[str, tuple[ShardInfo, str]],
     modalities: dict[str, ModalitySpec],
     spec: protocols.ProtocolSpec,
     norm: Normalizer | None = None,
@@ -77,8 +78,8 @@ def _verify_decode(
     for payload, path in zip(
         files.column("bytes").to_pylist(), files.column("path").to_pylist(), strict=True
     ):
-        sha256, where = checksums[path]
-        tables.append(read_verified(payload, where, sha256))
+        shard, where = checksums[path]
+        tables.append(read_verified(payload, where, shard))
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     return _decode(table, modalities, spec, norm)
 
@@ -147,7 +148,7 @@ def split_dataset(
     if verify:
         by_path = {s.path: s for s in manifest.shards}
         checksums = {
-            path: (by_path[rel].sha256, uri)
+            path: (by_path[rel], uri)
             for path, uri, rel in zip(
                 paths, uris, (s.path for s in manifest.shards if s.split == split), strict=True
             )

@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import xxhash
 
 from sslmm_ray import locks, storage
 from sslmm_ray.config import MODALITIES
@@ -86,7 +87,12 @@ class ShardInfo:
     split: str
     rows: int
     bytes: int
-    sha256: str
+    sha256: str  # checked by ``inspect --verify`` and `open_dataset(verify=True)`
+    # XXH3-64 of the same bytes: the check made on every read. SHA-256 runs at 0.2-1.2 GB/s per
+    # core here and cost ~30% of streaming throughput; XXH3 runs at ~10 GB/s. It guards against
+    # corruption, not tampering (whoever can rewrite a shard can rewrite the manifest). Empty in
+    # stores written before it existed: those are checked with SHA-256.
+    xxh3: str = ""
 
 
 @dataclass
@@ -409,6 +415,7 @@ def _write_shards(
                     rows=table.num_rows,
                     bytes=len(payload),
                     sha256=hashlib.sha256(payload).hexdigest(),
+                    xxh3=xxhash.xxh3_64_hexdigest(payload),
                 )
             )
     return shards, counts
@@ -538,18 +545,22 @@ def read_split(
 
 
 def read_verified(
-    payload: bytes, where: str, sha256: str, columns: Sequence[str] | None = None
+    payload: bytes, where: str, shard: ShardInfo, columns: Sequence[str] | None = None
 ) -> pa.Table:
-    """A shard's table from its bytes, after checking them against the manifest's SHA-256.
+    """A shard's table from its bytes, after checking them against the manifest's checksum.
 
     Why: size, footer and schema checks pass a shard with a flipped byte in a feature page;
     only the checksum sees it, and decoding it would train on garbage without a word.
+    XXH3 when the manifest has it (fast), otherwise SHA-256.
     """
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != sha256:
+    if shard.xxh3:
+        kind, digest, expected = "xxh3", xxhash.xxh3_64_hexdigest(payload), shard.xxh3
+    else:
+        kind, digest, expected = "sha256", hashlib.sha256(payload).hexdigest(), shard.sha256
+    if digest != expected:
         raise DataError(
-            f"{where}: checksum mismatch (corrupt shard: sha256 {digest[:12]}..., "
-            f"the manifest says {sha256[:12]}...)"
+            f"{where}: checksum mismatch (corrupt shard: {kind} {digest[:12]}..., "
+            f"the manifest says {expected[:12]}...)"
         )
     try:
         return pq.read_table(pa.BufferReader(payload), columns=columns)
@@ -579,7 +590,7 @@ def iter_split_tables(
         try:
             if verify:
                 yield read_verified(
-                    storage.read_bytes(shard_uri, options), shard_uri, shard.sha256, columns
+                    storage.read_bytes(shard_uri, options), shard_uri, shard, columns
                 )
                 continue
             table = pq.read_table(path, filesystem=fs, columns=columns)
