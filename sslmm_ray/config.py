@@ -82,10 +82,10 @@ class DataConfig:
     # "Normalisation"): real feature scales differ by orders of magnitude, and on raw ones the
     # largest feature dominates the losses. Off only to reproduce raw-feature runs.
     normalize: bool = True
-    # Check each shard's SHA-256 (from the manifest) in the read task that decodes it, so a
-    # corrupt shard stops training with one line naming it. Off by default: it cost 32% of
-    # streaming throughput (SHA-256 at ~160-250 MB/s per core vs ~725 decoded rows/s), over the
-    # 5% budget (docs/DATA.md, "Integrity on every read"). Turn on for untrusted storage.
+    # Check each shard's checksum (from the manifest) in the read task that decodes it, so a
+    # corrupt shard stops training with one line naming it. Off by default: the checked read
+    # path (whole shard, then parse) cost 23-32% of streaming throughput, over the 5% budget
+    # (docs/DATA.md, "Integrity on every read"). Turn on for untrusted storage.
     verify_checksums: bool = False
 
 

@@ -7,7 +7,7 @@ Three sources of the same training split (synthetic, a preset's shapes), consume
   no I/O, no decode, no Ray.
 * ``local``: the canonical store on local disk, streamed by :func:`pipeline.split_dataset`
   (Ray Data ``read_parquet`` -> ``map_batches`` decode + protocols) and ``iter_torch_batches``.
-* ``local`` checks every shard's SHA-256 in its read task (``data.verify_checksums=true``);
+* ``local`` checks every shard's checksum in its read task (``data.verify_checksums=true``);
   ``local_unverified`` reads with ``read_parquet`` unchecked (the default);
   ``verify_over_unverified`` is the price of checking every shard on read.
 * ``s3``: the same store on an S3 server (a local moto process unless one is given).
