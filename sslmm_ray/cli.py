@@ -141,7 +141,8 @@ def data_synth(
     preset: Annotated[Preset, typer.Option(help="Shapes of a real data set.")] = Preset.mosi,
     scale: Annotated[float, typer.Option(help="Fraction of the real split sizes.")] = 1.0,
     aligned: Annotated[bool, typer.Option("--aligned", help="Word-aligned lengths.")] = False,
-    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    seed: Annotated[int, typer.Option(
+        help="Generator seed; also permutes the stored row order.")] = 0,
     shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 256,
     compression: Annotated[str, typer.Option(
         help="Parquet codec: none (fastest to stream), zstd, lz4, snappy, gzip.")] = "none",
@@ -159,7 +160,7 @@ def data_synth(
     storage.check_reachable(out_uri, options)  # fail before spending time on generation
     raw = synth.generate(preset.value, scale=scale, aligned=aligned, seed=seed)
     manifest = store.write_dataset(
-        raw, out_uri, options, shard_rows=shard_rows, compression=compression
+        raw, out_uri, options, shard_rows=shard_rows, compression=compression, seed=seed
     )
     _emit({"uri": out_uri, "name": manifest.name, "counts": manifest.counts,
            "dims": manifest.dims, "lengths": manifest.lengths,
@@ -194,6 +195,23 @@ def data_import_mmsa(
     _emit({"uri": out_uri, "name": manifest.name, "counts": manifest.counts,
            "dims": manifest.dims, "lengths": manifest.lengths, "stats": manifest.stats},
           as_json)
+
+
+@data_app.command("upgrade")
+def data_upgrade(
+    data: Annotated[str, typer.Option(help="Dataset URI of a format 1 store.")],
+    seed: Annotated[int, typer.Option(help="Seed of the stored row permutation.")] = 0,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Rewrite a format 1 store (list columns) in the current format, in place."""
+    from sslmm_ray.data import store
+    from sslmm_ray.storage import StorageOptions
+
+    options = StorageOptions.from_env(s3_endpoint)
+    manifest = store.upgrade_dataset(data, options, seed=seed)
+    _emit({"uri": data, "name": manifest.name, "format_version": manifest.format_version,
+           "counts": manifest.counts, "shards": len(manifest.shards)}, as_json)
 
 
 @data_app.command("inspect")

@@ -31,9 +31,12 @@ def _copy(raw: RawDataset) -> RawDataset:
 
 
 def _assert_same(decoded: dict, arrays: dict) -> None:
-    assert decoded["id"].tolist() == arrays["id"].tolist()
+    """Every source row stored once and unchanged, matched by id (the store permutes rows)."""
+    pos = {k: i for i, k in enumerate(decoded["id"].tolist())}
+    assert len(pos) == len(decoded["id"]) and set(pos) == set(arrays["id"].tolist())
+    order = np.array([pos[k] for k in arrays["id"].tolist()])
     for k in ("label", *MODALITIES, *(f"{m}_len" for m in MODALITIES)):
-        np.testing.assert_array_equal(decoded[k], arrays[k], err_msg=k)
+        np.testing.assert_array_equal(decoded[k][order], arrays[k], err_msg=k)
 
 
 def _s3_keys(s3, prefix: str) -> list[str]:

@@ -42,6 +42,7 @@ from sslmm_ray.data.store import (
     Manifest,
     ModalitySpec,
     ShardInfo,
+    check_feature_columns,
     decode_table,
     iter_split_tables,
     read_verified,
@@ -79,7 +80,9 @@ def _verify_decode(
         files.column("bytes").to_pylist(), files.column("path").to_pylist(), strict=True
     ):
         shard, where = checksums[path]
-        tables.append(read_verified(payload, where, shard))
+        table = read_verified(payload, where, shard)
+        check_feature_columns(table.schema, modalities, where)  # an error names the shard
+        tables.append(table)
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     return _decode(table, modalities, spec, norm)
 

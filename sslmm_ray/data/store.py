@@ -16,10 +16,16 @@ read back and seen to be live, and only folders named as this store names them
 delete ``victim``. A manifest write that fails ambiguously (the PUT reached the server, the
 answer was lost) is settled by reading the manifest back before anything is deleted.
 
-Rows hold ``id``, ``split``, ``label`` and per modality the flattened ``(T, d)`` features as a
-fixed-size list plus the valid length ``<m>_len``. The manifest also carries the training
-split's per-feature mean and std (:mod:`sslmm_ray.data.normalize`), which decoding applies when
-asked to.
+Rows hold ``id``, ``split``, ``label`` and per modality the ``(T, d)`` features as one
+``fixed_size_binary[T*d*4]`` value of raw little-endian float32 (format 2) plus the valid length
+``<m>_len``. Why raw bytes: Parquet decodes a fixed-size list through its nested-list levels,
+~0.3 ms per MOSI row per core; a fixed-size binary column is one flat buffer that
+:func:`decode_table` views with ``np.frombuffer``, no copy (docs/DATA.md, "Storage format").
+Each split's rows are permuted with the write's ``seed`` before sharding, so a source ordered by
+video does not give shards of one speaker. The manifest also carries the training split's
+per-feature mean and std (:mod:`sslmm_ray.data.normalize`), which decoding applies when asked
+to. Format 1 stores (fixed-size list columns) are refused with the command that upgrades them
+(:func:`upgrade_dataset`).
 
 Reading trusts nothing it has not checked: the manifest's fields, then each shard's presence,
 size, Parquet footer, row count and column types against the manifest (``verify``: checksums).
@@ -63,7 +69,11 @@ from sslmm_ray.storage import StorageError, StorageOptions
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: features as fixed_size_binary blobs of little-endian float32, rows permuted by ``seed``.
+#: 1: features as fixed_size_list<float32>; read only by :func:`upgrade_dataset`.
+FORMAT_VERSION = 2
+#: Feature values on disk: little-endian float32, whatever the machine's byte order.
+FEATURE_DTYPE = np.dtype("<f4")
 MANIFEST = "manifest.json"
 GENERATION_PREFIX = "shards-"
 #: Exactly the folder names :func:`write_dataset` creates; an overwrite deletes nothing else.
@@ -79,6 +89,11 @@ DEFAULT_COMPRESSION = "none"
 class ModalitySpec:
     dim: int
     length: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one row's ``(length, dim)`` float32 blob."""
+        return self.length * self.dim * FEATURE_DTYPE.itemsize
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,9 @@ class Manifest:
     normalization: Statistics = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     created: str = ""
+    # Each split's rows were permuted with numpy ``default_rng((seed, SPLITS.index(split)))``
+    # before sharding (format 2; see :func:`row_order`).
+    seed: int = 0
 
     @property
     def family(self) -> str:
@@ -159,8 +177,11 @@ class Manifest:
                 normalization=data.get("normalization") or {},
                 format_version=int(data.get("format_version", 0)),
                 created=data.get("created", ""),
+                seed=int(data.get("seed", 0)),
             )
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        except (
+            KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError
+        ) as err:
             raise DataError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
         manifest._check(where)
         return manifest
@@ -192,6 +213,8 @@ class Manifest:
 
 
 def arrow_schema(modalities: dict[str, ModalitySpec]) -> pa.Schema:
+    """The shard schema of format 2: the one place, with :func:`_split_table` and
+    :func:`decode_table`, that knows how features are laid out."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
@@ -199,7 +222,7 @@ def arrow_schema(modalities: dict[str, ModalitySpec]) -> pa.Schema:
     ]
     for m in MODALITIES:
         spec = modalities[m]
-        fields.append(pa.field(m, pa.list_(pa.float32(), spec.dim * spec.length), nullable=False))
+        fields.append(pa.field(m, pa.binary(spec.nbytes), nullable=False))
         fields.append(pa.field(f"{m}_len", pa.int32(), nullable=False))
     return pa.schema(fields)
 
@@ -212,9 +235,15 @@ def _split_table(split: str, arrays: dict[str, np.ndarray], schema: pa.Schema) -
         "label": pa.array(np.asarray(arrays["label"], np.float32)),
     }
     for m in MODALITIES:
-        feats = np.ascontiguousarray(arrays[m], dtype=np.float32).reshape(n, -1)
-        values = pa.array(feats.reshape(-1))  # zero-copy view of the numpy buffer
-        columns[m] = pa.FixedSizeListArray.from_arrays(values, feats.shape[1])
+        feats = np.ascontiguousarray(arrays[m], dtype=FEATURE_DTYPE)
+        width = schema.field(m).type.byte_width
+        if feats.nbytes != n * width:
+            raise DataError(f"split {split!r}: '{m}' holds {feats.nbytes} bytes for {n} rows, "
+                            f"expected {width} per row")
+        # zero-copy: the numpy buffer becomes the column's data buffer
+        columns[m] = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(width), n, [None, pa.py_buffer(feats)]
+        )
         columns[f"{m}_len"] = pa.array(np.asarray(arrays[f"{m}_len"], np.int32))
     return pa.Table.from_pydict(columns, schema=schema)
 
@@ -273,8 +302,13 @@ def write_dataset(
     shard_rows: int = 256,
     compression: str = DEFAULT_COMPRESSION,
     deep_check: bool = True,
+    seed: int = 0,
 ) -> Manifest:
     """Write ``raw`` as sharded Parquet, then publish the manifest (last).
+
+    Each split's rows are permuted with ``seed`` (:func:`row_order`, recorded in the manifest)
+    before they are cut into shards: sources list rows by video, and shards of one speaker
+    would make shard-level shuffling and streaming batches far from i.i.d.
 
     ``raw`` is validated first (``deep_check``: every value finite, zero padding), so bad input
     raises :class:`DataError` before any byte is written. A failure while writing removes this
@@ -299,7 +333,7 @@ def write_dataset(
     generation_uri = storage.join(uri, generation)
     try:
         shards, counts = _write_shards(
-            raw, uri, generation, schema, shard_rows, compression.lower(), options
+            raw, uri, generation, schema, shard_rows, compression.lower(), options, seed
         )
         manifest = Manifest(
             uri=uri,
@@ -312,6 +346,7 @@ def write_dataset(
             stats=dict(raw.stats),
             normalization=normalization,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            seed=seed,
         )
     except BaseException:
         _remove_quietly(generation_uri, options, "partial write")
@@ -393,6 +428,7 @@ def _write_shards(
     shard_rows: int,
     compression: str,
     options: StorageOptions | None,
+    seed: int,
 ) -> tuple[list[ShardInfo], dict[str, int]]:
     shards: list[ShardInfo] = []
     counts: dict[str, int] = {}
@@ -402,8 +438,10 @@ def _write_shards(
         arrays = raw.splits[split]
         n = len(arrays["id"])
         counts[split] = n
+        order = row_order(n, seed, split)
         for i, start in enumerate(range(0, n, shard_rows)):
-            part = {k: v[start : start + shard_rows] for k, v in arrays.items()}
+            rows = order[start : start + shard_rows]  # one shard copied at a time, not a split
+            part = {k: v[rows] for k, v in arrays.items()}
             table = _split_table(split, part, schema)
             payload = _encode_shard(table, compression)
             rel = f"{generation}/{split}-{i:05d}.parquet"
@@ -419,6 +457,32 @@ def _write_shards(
                 )
             )
     return shards, counts
+
+
+def row_order(n: int, seed: int, split: str) -> np.ndarray:
+    """The stored order of a split's ``n`` source rows: a permutation fixed by (seed, split)."""
+    rng = np.random.default_rng((seed, SPLITS.index(split)))
+    return rng.permutation(n)
+
+
+def upgrade_command(uri: str, options: StorageOptions | None = None) -> str:
+    """The exact command that rewrites the store at ``uri`` in the current format."""
+    endpoint = f" --s3-endpoint {options.endpoint}" if options and options.endpoint else ""
+    return f"sslmm data upgrade --data {uri}{endpoint}"
+
+
+def _check_version(manifest: Manifest, manifest_uri: str, options: StorageOptions | None) -> None:
+    if manifest.format_version == FORMAT_VERSION:
+        return
+    if manifest.format_version == 1:
+        raise DataError(
+            f"{manifest_uri}: storage format 1 (list columns), this sslmm-ray reads format "
+            f"{FORMAT_VERSION}; rewrite it in place with `{upgrade_command(manifest.uri, options)}`"
+        )
+    raise DataError(
+        f"{manifest_uri}: format version {manifest.format_version}, "
+        f"this sslmm-ray reads {FORMAT_VERSION} (written by another version of sslmm-ray?)"
+    )
 
 
 def open_dataset(
@@ -437,11 +501,7 @@ def open_dataset(
             "`sslmm data import-mmsa`)"
         )
     manifest = Manifest.from_json(uri, storage.read_json(manifest_uri, options))
-    if manifest.format_version != FORMAT_VERSION:
-        raise DataError(
-            f"{manifest_uri}: format version {manifest.format_version}, "
-            f"this sslmm-ray reads {FORMAT_VERSION}"
-        )
+    _check_version(manifest, manifest_uri, options)
     missing = [m for m in MODALITIES if m not in manifest.modalities]
     if missing:
         raise DataError(f"{manifest_uri}: modalities {missing} missing from the manifest")
@@ -500,13 +560,19 @@ def decode_table(
     table: pa.Table,
     manifest_modalities: dict[str, ModalitySpec],
     norm: Normalizer | None = None,
+    *,
+    where: str = "",
 ) -> dict[str, Any]:
     """Parquet rows -> numpy arrays of the RawDataset layout, normalised when ``norm`` is given.
 
     Zero-copy for the features (and lengths) whenever a column is one chunk, which is how a
-    Parquet row group or a Ray Data batch arrives; several chunks are concatenated once.
-    Every decode path goes through here, so every path normalises the same way.
+    Parquet row group or a Ray Data batch arrives: the array is a read-only ``np.frombuffer``
+    view of the column's data buffer. Several chunks are concatenated once. Every decode path
+    goes through here, so every path normalises the same way. ``where`` (a shard) prefixes
+    errors.
     """
+    check_feature_columns(table.schema, manifest_modalities, where)
+    prefix = f"{where}: " if where else ""
     n = table.num_rows
     out: dict[str, Any] = {
         "id": table.column("id").to_numpy(),  # object array of str
@@ -514,17 +580,69 @@ def decode_table(
     }
     for m in MODALITIES:
         spec = manifest_modalities[m]
+        feats = _features(table.column(m), n, spec, f"{prefix}column '{m}'")
+        out[m] = feats.reshape(n, spec.length, spec.dim)
+        out[f"{m}_len"] = _numeric(table.column(f"{m}_len"), np.int64)
+    return normalize_features(out, norm)
+
+
+def check_feature_columns(
+    schema: pa.Schema, modalities: dict[str, ModalitySpec], where: str = ""
+) -> None:
+    """Each feature column must hold ``T*d*4``-byte blobs: one line naming column and shard."""
+    prefix = f"{where}: " if where else ""
+    for m in MODALITIES:
+        spec = modalities[m]
+        if m not in schema.names:
+            raise DataError(f"{prefix}column '{m}' missing")
+        got = schema.field(m).type
+        if not got.equals(pa.binary(spec.nbytes)):
+            raise DataError(
+                f"{prefix}column '{m}' holds {got} per row, expected "
+                f"fixed_size_binary[{spec.nbytes}] ({spec.length}x{spec.dim} float32; "
+                "a wrong-length blob or a format 1 store)"
+            )
+
+
+def _features(col: pa.ChunkedArray, n: int, spec: ModalitySpec, what: str) -> np.ndarray:
+    """``(n, T*d)`` float32 viewing the column's data buffer, from the chunk's offset on
+    (a sliced table shares its parent's buffer)."""
+    chunk = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    if n == 0:
+        return np.zeros((0, spec.length * spec.dim), FEATURE_DTYPE)
+    if chunk.null_count:
+        raise DataError(f"{what} has {chunk.null_count} null rows")
+    try:
+        flat = np.frombuffer(
+            chunk.buffers()[1],
+            FEATURE_DTYPE,
+            count=n * spec.length * spec.dim,
+            offset=chunk.offset * spec.nbytes,
+        )
+    except (TypeError, ValueError) as err:  # a data buffer shorter than its rows
+        raise DataError(f"{what}: cannot view the features ({err})") from None
+    flat.flags.writeable = False  # Arrow memory, shared with the table: never changed in place
+    return flat.reshape(n, -1)
+
+
+def decode_features_v1(table: pa.Table, modalities: dict[str, ModalitySpec]) -> dict[str, Any]:
+    """A format 1 shard (fixed_size_list<float32> features) -> arrays; for the upgrade only."""
+    n = table.num_rows
+    out: dict[str, Any] = {
+        "id": np.asarray(table.column("id").to_pylist(), dtype=str),
+        "label": _numeric(table.column("label"), np.float32),
+    }
+    for m in MODALITIES:
+        spec = modalities[m]
         col = table.column(m)
         chunk = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         flat = chunk.flatten().to_numpy(zero_copy_only=False)
         if flat.size != n * spec.length * spec.dim:
-            raise DataError(
-                f"column '{m}' holds {flat.size // max(n, 1)} values per row, "
-                f"expected {spec.length}x{spec.dim}"
-            )
-        out[m] = flat.reshape(n, spec.length, spec.dim)
-        out[f"{m}_len"] = _numeric(table.column(f"{m}_len"), np.int64)
-    return normalize_features(out, norm)
+            raise DataError(f"column '{m}' holds {flat.size // max(n, 1)} values per row, "
+                            f"expected {spec.length}x{spec.dim}")
+        out[m] = flat.reshape(n, spec.length, spec.dim).astype(np.float32)
+        out[f"{m}_len"] = _numeric(table.column(f"{m}_len"), np.int32)
+    return out
 
 
 def _numeric(col: pa.ChunkedArray, dtype: type[np.generic]) -> np.ndarray:
@@ -542,6 +660,56 @@ def read_split(
     if not tables:
         raise DataError(f"{manifest.uri}: split '{split}' has no rows")
     return decode_table(pa.concat_tables(tables), manifest.modalities, norm)
+
+
+def upgrade_dataset(uri: str, options: StorageOptions | None = None, *, seed: int = 0) -> Manifest:
+    """Rewrite a format 1 store at ``uri`` as the current format, in place; a no-op if current.
+
+    Why through :func:`write_dataset`: the one writer validates, permutes, checksums and
+    publishes, and deletes the format 1 shards only once the new manifest is live (a failed
+    upgrade leaves the old store as it was). Shard size and codec are kept. Holds a split in
+    memory, as an import does.
+    """
+    storage.check_reachable(uri, options)
+    manifest_uri = storage.join(uri, MANIFEST)
+    if not storage.exists(manifest_uri, options):
+        raise DataError(f"{manifest_uri} not found: no dataset at {uri}")
+    old = Manifest.from_json(uri, storage.read_json(manifest_uri, options))
+    if old.format_version == FORMAT_VERSION:
+        return open_dataset(uri, options)
+    if old.format_version != 1:
+        _check_version(old, manifest_uri, options)
+    splits: dict[str, Any] = {}
+    compression = DEFAULT_COMPRESSION
+    for split in SPLITS:
+        parts = []
+        for shard in (s for s in old.shards if s.split == split):
+            where = storage.join(uri, shard.path)
+            payload = storage.read_bytes(where, options)
+            table = read_verified(payload, where, shard)
+            compression = _codec(payload)
+            try:
+                parts.append(decode_features_v1(table, old.modalities))
+            except DataError as err:
+                raise DataError(f"{where}: {err}") from None
+        if parts:
+            splits[split] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    raw = RawDataset(old.name, old.label_range, splits, dict(old.stats))
+    shard_rows = max((s.rows for s in old.shards), default=256)
+    return write_dataset(
+        raw, uri, options, shard_rows=shard_rows, compression=compression, seed=seed
+    )
+
+
+def _codec(payload: bytes) -> str:
+    """The Parquet codec of a shard's ``label`` column, as :data:`COMPRESSIONS` names it."""
+    group = pq.read_metadata(pa.BufferReader(payload)).row_group(0)
+    for i in range(group.num_columns):
+        if group.column(i).path_in_schema == "label":
+            codec = group.column(i).compression.lower()
+            codec = {"uncompressed": "none", "lz4_raw": "lz4"}.get(codec, codec)
+            return codec if codec in COMPRESSIONS else DEFAULT_COMPRESSION
+    return DEFAULT_COMPRESSION
 
 
 def read_verified(
@@ -589,11 +757,16 @@ def iter_split_tables(
         _, path = storage.resolve(shard_uri, options)
         try:
             if verify:
-                yield read_verified(
+                table = read_verified(
                     storage.read_bytes(shard_uri, options), shard_uri, shard, columns
                 )
+                if columns is None:
+                    check_feature_columns(table.schema, manifest.modalities, shard_uri)
+                yield table
                 continue
             table = pq.read_table(path, filesystem=fs, columns=columns)
+            if columns is None:
+                check_feature_columns(table.schema, manifest.modalities, shard_uri)
         except FileNotFoundError:
             raise DataError(f"{shard_uri}: shard listed in the manifest is missing") from None
         except (DataError, StorageError):
