@@ -399,8 +399,11 @@ def _state(dtype: Any, payload: bytes, shape: tuple[int, ...]) -> _Reduce:
         (np.array([f"x{k}" * (k * 200 + 1) for k in range(8)], dtype=object), "1024"),
         (np.array(["same"] * 8, dtype=object), "not unique"),
         ({"a": 1}, "expected a numpy array, got dict"),
+        # Found by the Hypothesis test in a fresh clone: numpy's repr of an array spans lines.
+        ([np.zeros((5, 1), np.float32)], "ids must be str or 64-bit int"),
     ],
-    ids=["bad_code_point", "lone_surrogate", "huge_int", "too_long", "duplicate", "dict"],
+    ids=["bad_code_point", "lone_surrogate", "huge_int", "too_long", "duplicate", "dict",
+         "array_in_list"],
 )
 def test_hostile_ids_are_data_errors(tmp_path: Path, value: Any, pattern: str) -> None:
     """Ids reach pyarrow and error messages: each must be a short, valid, unique string."""

@@ -63,9 +63,10 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
 
 
 def brief(obj: Any) -> str:
-    """A short repr of a value from an untrusted file: bounded in length, depth and cost."""
+    """A short, one-line repr of a value from an untrusted file: bounded in length, depth and
+    cost (numpy's repr of an array spans lines)."""
     try:
-        return _REPR.repr(obj)
+        return " ".join(_REPR.repr(obj).split())
     except (ValueError, RecursionError):  # an int too long to print, say
         return f"<{type(obj).__name__}>"
 
