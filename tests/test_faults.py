@@ -8,6 +8,7 @@ keep each case within a few minutes on a loaded 2-core machine.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import waiting
 
 from sslmm_ray import config as config_mod
 from sslmm_ray import locks, storage
@@ -42,16 +44,7 @@ def tiny(data_uri: str, *extra: str) -> config_mod.ExperimentConfig:
     return config_mod.load(overrides=[f"data.uri={data_uri}", *TINY, *extra])
 
 
-def wait_for(predicate, what: str, timeout: float = DEADLINE_S, every: float = 1.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+wait_for = functools.partial(waiting.wait_for, timeout=DEADLINE_S)
 
 
 def epochs_done(run_dir: str, options: storage.StorageOptions) -> list[int]:

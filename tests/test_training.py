@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -9,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import psutil
 import pytest
 import ray
 import torch
+import waiting
 
 from sslmm_ray import config as config_mod
 from sslmm_ray import storage
@@ -43,14 +44,7 @@ def local_data(tmp_path_factory) -> str:
     return uri
 
 
-def wait_for(predicate, what: str, timeout: float = DEADLINE_S, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+wait_for = functools.partial(waiting.wait_for, timeout=DEADLINE_S)
 
 
 def epochs_done(run_dir: str) -> list[int]:
