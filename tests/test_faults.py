@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import waiting
@@ -142,6 +143,12 @@ def test_killed_driver_on_s3_resumes_when_the_command_is_rerun(ray_cluster, s3):
     assert history[0] == first  # epoch 0 was not trained again
     assert storage.exists(storage.join(run_dir, "metrics.json"))
     assert locks.read_holder(run_dir) is None
+    # finetune.selection (default MAE) picked the checkpoint; the searcher sees best-so-far
+    maes = [h["valid_MAE"] for h in history]
+    best = storage.read_json(storage.join(run_dir, "best.json"), s3.options)
+    assert best["metrics"]["valid_MAE"] == min(maes)
+    assert [h["best_valid_MAE"] for h in history] == list(np.minimum.accumulate(maes))
+    assert all(0.0 <= h["train_pseudo_label_fraction"] <= 1.0 for h in history)
 
 
 def test_s3_outage_mid_epoch_is_ridden_out(ray_cluster, s3):

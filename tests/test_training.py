@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -103,50 +102,6 @@ def test_pretrained_protocol_mismatch_is_refused(ray_cluster, local_data, tmp_pa
                       "finetune.missing_rate=0.0")
     with pytest.raises(ckpt.CheckpointError, match="data.normalize=True"):
         run_stage("finetune", cfg, str(tmp_path / "ft"))
-
-
-def _finetune_cli(data: str, run_dir: str, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "sslmm_ray.cli", "finetune", "--data", data, "--run-dir",
-            run_dir, "--epochs", str(epochs), "--workers", "1", "--label-ratio", "0.5",
-            "--missing-rate", "0.3", *[a for kv in TINY for a in ("--set", kv)]]
-
-
-def test_resume_after_driver_killed(ray_cluster, local_data, tmp_path):
-    epochs = 3
-    # the settings the CLI below passes (a resume under other settings is refused)
-    same = (f"finetune.epochs={epochs}", "finetune.workers=1", "finetune.missing_rate=0.3")
-    reference = run_stage("finetune", tiny_config(local_data, *same), str(tmp_path / "ref"))
-    # finetune.selection (default MAE) picked the checkpoint; the searcher sees best-so-far
-    maes = [h["valid_MAE"] for h in reference.history]
-    assert reference.best["valid_MAE"] == min(maes)
-    assert [h["best_valid_MAE"] for h in reference.history] == list(np.minimum.accumulate(maes))
-    assert all(0.0 <= h["train_pseudo_label_fraction"] <= 1.0 for h in reference.history)
-
-    run_dir = str(tmp_path / "killed")
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "SSLMM_PROGRESS": "0"}
-    proc = subprocess.Popen(_finetune_cli(local_data, run_dir, epochs), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
-        wait_for(lambda: (epochs_done(run_dir) and snapshot.exists()) or proc.poll() is not None,
-                 "epoch 0's checkpoint registered")
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        first = RunLog.read(run_dir, storage.StorageOptions())[0]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    done_before = epochs_done(run_dir)
-    assert done_before and done_before[-1] < epochs - 1, done_before
-
-    resumed = run_stage("finetune", tiny_config(local_data, *same), run_dir)
-    history = RunLog.read(run_dir, storage.StorageOptions())
-    assert [int(h["epoch"]) for h in history] == list(range(epochs))  # none repeated or lost
-    assert history[0] == first  # epoch 0 was not trained again
-    # same seed, same data: the resumed run ends within noise of the uninterrupted one
-    assert resumed.test["Non0_acc_2"] == pytest.approx(reference.test["Non0_acc_2"], abs=0.15)
-    assert resumed.test["MAE"] == pytest.approx(reference.test["MAE"], abs=0.25)
 
 
 def _train_workers() -> list[psutil.Process]:

@@ -123,14 +123,14 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
     sweep_uri = s3.uri("tune/grid")
     printed = invoke(
         "tune", "--data", tiny_data, "--storage", sweep_uri, "--label-ratios", "0.3,0.7",
-        "--missing-rates", "0.0,0.5", "--concurrency", "2", *TINY, "--json",
+        "--missing-rates", "0.5", "--concurrency", "2", *TINY, "--json",
     )
-    assert len(printed["cells"]) == 4 and printed["skipped"] == []
+    assert len(printed["cells"]) == 2 and printed["skipped"] == []
     metric = "valid_MAE"  # finetune.selection's default: every labeled validation row counts
     assert (printed["metric"], printed["mode"]) == (metric, "min")
 
     expected_rows = {}
-    for cell in space.grid([0.3, 0.7], [0.0, 0.5]):
+    for cell in space.grid([0.3, 0.7], [0.5]):
         tune_trials = _tune_trials(storage.join(sweep_uri, cell.name))
         assert len(tune_trials) == 2, cell.name
         runs = storage.join(sweep_uri, "runs", cell.name)
@@ -175,12 +175,12 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
         assert (tmp_path / "rep" / fname).is_file()
     assert (tmp_path / "rep" / "heatmap_MAE.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert md.count("\n| 0.") == 4  # one table row per cell
+    assert md.count("\n| 0.") == 2  # one table row per cell
 
     # a re-run skips the finished cells
     again = invoke(
         "tune", "--data", tiny_data, "--storage", sweep_uri, "--label-ratios", "0.3,0.7",
-        "--missing-rates", "0.0,0.5", "--concurrency", "2", *TINY, "--json",
+        "--missing-rates", "0.5", "--concurrency", "2", *TINY, "--json",
     )
     assert sorted(again["skipped"]) == sorted(expected_rows)
 
