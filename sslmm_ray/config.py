@@ -74,10 +74,14 @@ class DataConfig:
     # training labels). None: the fine-tuning label ratio, so that a 10%-labeled experiment
     # does not select its checkpoint on a fully labeled validation set it would not have.
     valid_label_ratio: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    # Decode a split once into Ray's object store when it is at most this large (0: stream
-    # from storage every epoch). Decoding costs a core per ~1,300 mosi rows/s; epochs 2+ of a
-    # cached split cost none.
-    cache_mb: Annotated[int, Field(ge=0)] = 1024
+    # Opt-in: decode a train or valid split once into Ray's object store when it is at most
+    # this large (0, the default: stream from storage every epoch, in memory that does not
+    # grow with the data set). A sweep builds one protocol-free cache that all of its trials
+    # share. Worth it when the model step is cheaper than reading and decoding a batch.
+    cache_mb: Annotated[int, Field(ge=0)] = 0
+    # Batches each training worker fetches ahead of the one it trains on (Ray Data's
+    # ``iter_torch_batches``): reading overlaps compute.
+    prefetch_batches: Annotated[int, Field(ge=1)] = 2
     # Standardise each feature with the store's train-split mean/std (docs/DATA.md,
     # "Normalisation"): real feature scales differ by orders of magnitude, and on raw ones the
     # largest feature dominates the losses. Off only to reproduce raw-feature runs.
@@ -341,7 +345,7 @@ def replace(cfg: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentC
 #: ``workers`` may change because ``batch_size`` is global (split across workers), so a
 #: resumed run on fewer or more (spot) nodes optimises the same objective.
 RESUMABLE = {
-    "data": frozenset({"s3_endpoint", "read_parallelism", "cache_mb"}),
+    "data": frozenset({"s3_endpoint", "read_parallelism", "cache_mb", "prefetch_batches"}),
     "model": frozenset({"backend"}),
     "stage": frozenset({"epochs", "workers", "cpus_per_worker", "gpus", "max_failures"}),
 }

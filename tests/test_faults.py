@@ -193,7 +193,7 @@ def test_s3_outage_mid_epoch_is_ridden_out(ray_cluster, s3):
 def failing_first_attempt(marker_dir: str) -> sweep.TrialFn:
     """A trial function whose first attempt of each trial raises (a lost node, say)."""
 
-    def run(config: dict, base: dict, runs_uri: str) -> None:
+    def run(config: dict, base: dict, runs_uri: str, cache=None) -> None:
         from ray import tune
 
         marker = Path(marker_dir) / tune.get_context().get_trial_id()
@@ -201,7 +201,10 @@ def failing_first_attempt(marker_dir: str) -> sweep.TrialFn:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text("failed once")
             raise RuntimeError("injected fault: first attempt")
-        trial.run_trial(config, base, runs_uri)
+        if cache is not None:  # which object-store blocks this trial reads
+            blocks = [ref.hex() for ref in cache.splits["train"].get_internal_block_refs()]
+            marker.with_suffix(".blocks").write_text(" ".join(blocks))
+        trial.run_trial(config, base, runs_uri, cache)
 
     return run
 
@@ -238,8 +241,10 @@ def test_cell_with_errored_trials_is_not_done_and_a_rerun_retries_it(ray_cluster
     cell = Cell(0.5, 0.3)
     root = str(tmp_path / "sweep")
     layout = sweep.Layout(root)
-    trial_fn = failing_first_attempt(str(tmp_path / "markers"))
-    cfg = _sweep_cfg(local_data, "tune.samples=2", "tune.max_failures=0")
+    markers = tmp_path / "markers"
+    trial_fn = failing_first_attempt(str(markers))
+    # with the opt-in cache: one copy of the decoded splits, read by every trial
+    cfg = _sweep_cfg(local_data, "tune.samples=2", "tune.max_failures=0", "data.cache_mb=64")
     with pytest.raises(sweep.SweepIncomplete, match=f"{cell.name}: 2 of 2 trials errored.*"
                                                     "injected fault.*re-run the same command"):
         sweep.run_sweep(cfg, root, verbose=0, trial_fn=trial_fn)
@@ -252,3 +257,6 @@ def test_cell_with_errored_trials_is_not_done_and_a_rerun_retries_it(ray_cluster
     assert len(only["trials"]) == 2
     assert all(t["finished"] and t["error"] is None for t in only["trials"])
     assert storage.exists(layout.result(cell))
+    seen = {(markers / t["trial_id"]).with_suffix(".blocks").read_text()
+            for t in only["trials"]}
+    assert len(seen) == 1 and seen.pop(), "the trials must read the sweep's one cache"

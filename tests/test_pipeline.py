@@ -170,3 +170,48 @@ def test_store_without_statistics_is_a_clear_error(ray_session, s3, scaled) -> N
     with pytest.raises(DataError, match="re-run `sslmm data synth`.*data.normalize=false"):
         pipeline.split_dataset(old, "train", ProtocolSpec(), s3.options)
     pipeline.split_dataset(old, "train", ProtocolSpec(), s3.options, normalize=False)
+
+
+def test_cache_is_opt_in_equals_streaming_and_reseeds_block_order(
+    ray_session, s3, raw, remote
+) -> None:
+    """The cache holds decoded rows before any protocol: one cache serves every cell, gives
+    the streamed batches exactly, and a new block order every epoch (the same ones per seed)."""
+    streaming = ExperimentConfig(finetune=FinetuneConfig(label_ratio=0.5, missing_rate=0.4))
+    assert streaming.data.cache_mb == 0 and streaming.data.prefetch_batches >= 2
+    assert pipeline.SplitCache.build(remote, streaming, s3.options) is None  # opt-in
+    cfg = ExperimentConfig(data=DataConfig(cache_mb=64), finetune=streaming.finetune)
+    cache = pipeline.SplitCache.build(remote, cfg, s3.options)
+    assert cache is not None and set(cache.splits) == {"train", "valid"}
+    assert cache.splits["train"].num_blocks() >= 6  # one per shard
+
+    streamed = pipeline.finetune_datasets(remote, streaming, s3.options)
+    cached = pipeline.finetune_datasets(remote, cfg, s3.options, cache)
+    for split in ("train", "valid"):
+        ids = raw.splits[split]["id"]
+        want = _by_index(_collect(streamed[split]), ids)
+        got = _by_index(_collect(cached[split]), ids)
+        for k, v in want.items():
+            np.testing.assert_array_equal(got[k], v, err_msg=f"{split} {k}")
+
+    # another cell (label ratio, missing rate) reads the same cached blocks
+    other = ExperimentConfig(data=cfg.data, finetune=FinetuneConfig(label_ratio=0.1,
+                                                                    missing_rate=0.0))
+    got = _collect(pipeline.finetune_datasets(remote, other, s3.options, cache)["train"])
+    spec = pipeline.finetune_specs(remote, other.finetune, s3.options)["train"]
+    assert got["labeled"].sum() == len(spec.labeled_keys)
+    assert all(got[f"{m}_mask"].any(axis=1).all() for m in MODALITIES)  # nothing hidden
+
+    def epoch_orders(seed: int) -> list[tuple[int, ...]]:
+        """A new run's first three epochs (its own cache: Ray counts executions per cache)."""
+        train = pipeline.SplitCache.build(remote, cfg, s3.options).dataset(
+            "train", ProtocolSpec(), seed)
+        return [tuple(_collect(train, 64)["index"].tolist()) for _ in range(3)]
+
+    first, again = epoch_orders(5), epoch_orders(5)
+    assert sorted(first[0]) == sorted(first[1]) and len(first[0]) == raw.counts()["train"]
+    assert len(set(first)) == 3, "the block order must change every epoch"
+    assert first == again, "the same seed must give the same sequence of epoch orders"
+    with pytest.raises(ValueError, match="data.normalize"):
+        pipeline.finetune_datasets(remote, ExperimentConfig(data=DataConfig(normalize=False)),
+                                   s3.options, cache)

@@ -26,12 +26,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray.data
-from ray.data import DataContext, FileShuffleConfig
+from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
 
 from sslmm_ray import storage
 from sslmm_ray.config import ExperimentConfig, FinetuneConfig
@@ -61,17 +62,23 @@ VALID_SEED_OFFSET = 7919
 def _decode(
     table: pa.Table,
     modalities: dict[str, ModalitySpec],
-    spec: protocols.ProtocolSpec,
+    spec: protocols.ProtocolSpec | None,
     norm: Normalizer | None = None,
 ) -> dict[str, np.ndarray]:
-    return protocols.apply(decode_table(table, modalities, norm), spec)
+    """Decode (and normalise); apply the protocols too unless ``spec`` is None (a cache)."""
+    decoded = decode_table(table, modalities, norm)
+    return decoded if spec is None else protocols.apply(decoded, spec)
+
+
+def _protocols(batch: dict[str, np.ndarray], spec: protocols.ProtocolSpec) -> dict[str, Any]:
+    return protocols.apply(batch, spec)
 
 
 def _verify_decode(
     files: pa.Table,
     checksums: dict[str, tuple[ShardInfo, str]],
     modalities: dict[str, ModalitySpec],
-    spec: protocols.ProtocolSpec,
+    spec: protocols.ProtocolSpec | None,
     norm: Normalizer | None = None,
 ) -> dict[str, np.ndarray]:
     """Whole shard files (``bytes``, ``path``) -> checked, parsed, decoded model batches."""
@@ -125,7 +132,7 @@ def _parquet_v1() -> Iterator[None]:
 def split_dataset(
     manifest: Manifest,
     split: str,
-    spec: protocols.ProtocolSpec,
+    spec: protocols.ProtocolSpec | None,
     options: StorageOptions | None = None,
     *,
     shuffle_seed: int | None = None,
@@ -133,6 +140,8 @@ def split_dataset(
     verify: bool = False,
 ) -> ray.data.Dataset:
     """One split as a Ray Dataset of model batches (docs/CONTRACTS.md).
+
+    ``spec`` None: decoded rows before any protocol (what a :class:`SplitCache` keeps).
 
     ``normalize``: standardise features with the manifest's train statistics, as the model
     being fed was trained (``data.normalize``, or the checkpoint's ``normalize``).
@@ -233,43 +242,97 @@ def decoded_bytes(manifest: Manifest, split: str) -> int:
     return manifest.counts.get(split, 0) * per_row
 
 
-def cached(
-    ds: ray.data.Dataset, manifest: Manifest, split: str, cache_mb: int, seed: int | None
-) -> ray.data.Dataset:
-    """Decode once into the object store when the split fits ``cache_mb``.
+#: The splits a training run streams; a cache holds those of them that fit.
+TRAINING_SPLITS = ("train", "valid")
 
-    Every epoch re-executes a streaming dataset: read, decode and apply the protocols again.
-    The protocols are deterministic per sample, so their output can be kept; a cached training
-    split keeps per-epoch variety through a seeded block order plus the workers' local shuffle
-    buffer (no global shuffle either way).
+
+@dataclass(frozen=True)
+class SplitCache:
+    """Decoded, normalised splits in Ray's object store, before any protocol is applied.
+
+    Opt-in (``data.cache_mb``): streaming is the default, and a cache that is bigger than the
+    object store only spills. Protocol-free, so one cache serves every label ratio, missing
+    rate and seed: a sweep builds it once on its driver and every trial of every cell reads
+    the same blocks (``tune.with_parameters``) instead of holding its own copy. It stays in
+    the object store for as long as this object (its owner's references) lives.
     """
-    if cache_mb <= 0 or decoded_bytes(manifest, split) > cache_mb * 2**20:
-        return ds
-    ds = ds.materialize()
-    return ds.randomize_block_order(seed=seed) if seed is not None else ds
+
+    splits: dict[str, ray.data.MaterializedDataset]
+    normalize: bool
+
+    @classmethod
+    def build(
+        cls, manifest: Manifest, cfg: ExperimentConfig, options: StorageOptions | None = None
+    ) -> SplitCache | None:
+        """Cache each training split that fits ``data.cache_mb``; None when none does."""
+        budget = cfg.data.cache_mb * 2**20
+        splits = {
+            split: split_dataset(
+                manifest, split, None, options, normalize=cfg.data.normalize,
+                verify=cfg.data.verify_checksums,
+            ).materialize()
+            for split in TRAINING_SPLITS
+            if 0 < decoded_bytes(manifest, split) <= budget
+        }
+        return cls(splits, cfg.data.normalize) if splits else None
+
+    def dataset(
+        self, split: str, spec: protocols.ProtocolSpec, shuffle_seed: int | None
+    ) -> ray.data.Dataset:
+        """The split's model batches; the block order is reseeded at every execution (epoch)."""
+        ds: ray.data.Dataset = self.splits[split]
+        if shuffle_seed is not None:
+            ds = ds.randomize_block_order(
+                seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
+            )
+        return ds.map_batches(
+            _protocols, batch_format="numpy", batch_size=DECODE_BATCH_ROWS,
+            fn_kwargs={"spec": spec},
+        )
+
+
+def _training_datasets(
+    manifest: Manifest,
+    cfg: ExperimentConfig,
+    specs: dict[str, protocols.ProtocolSpec],
+    seed: int,
+    options: StorageOptions | None,
+    cache: SplitCache | None,
+) -> dict[str, ray.data.Dataset]:
+    """Train (shuffled, reseeded per epoch) and valid, from the cache where it holds them."""
+    if cache is None:
+        cache = SplitCache.build(manifest, cfg, options)
+    elif cache.normalize != cfg.data.normalize:
+        raise ValueError("the split cache was decoded with another data.normalize")
+    out = {}
+    for split in TRAINING_SPLITS:
+        shuffle = seed if split == "train" else None
+        if cache is not None and split in cache.splits:
+            out[split] = cache.dataset(split, specs[split], shuffle)
+        else:
+            out[split] = split_dataset(
+                manifest, split, specs[split], options, shuffle_seed=shuffle,
+                normalize=cfg.data.normalize, verify=cfg.data.verify_checksums,
+            )
+    return out
 
 
 def finetune_datasets(
-    manifest: Manifest, cfg: ExperimentConfig, options: StorageOptions | None = None
+    manifest: Manifest,
+    cfg: ExperimentConfig,
+    options: StorageOptions | None = None,
+    cache: SplitCache | None = None,
 ) -> dict[str, ray.data.Dataset]:
     specs = finetune_specs(manifest, cfg.finetune, options,
                            valid_label_ratio=cfg.data.valid_label_ratio)
-    seed, cache_mb, norm = cfg.finetune.seed, cfg.data.cache_mb, cfg.data.normalize
-    check = cfg.data.verify_checksums
-    train = split_dataset(
-        manifest, "train", specs["train"], options, shuffle_seed=seed, normalize=norm,
-        verify=check,
-    )
-    valid = split_dataset(manifest, "valid", specs["valid"], options, normalize=norm,
-                          verify=check)
-    return {
-        "train": cached(train, manifest, "train", cache_mb, seed),
-        "valid": cached(valid, manifest, "valid", cache_mb, None),
-    }
+    return _training_datasets(manifest, cfg, specs, cfg.finetune.seed, options, cache)
 
 
 def pretrain_datasets(
-    manifest: Manifest, cfg: ExperimentConfig, options: StorageOptions | None = None
+    manifest: Manifest,
+    cfg: ExperimentConfig,
+    options: StorageOptions | None = None,
+    cache: SplitCache | None = None,
 ) -> dict[str, ray.data.Dataset]:
     """All training rows under the missing-data protocol; every label withheld."""
     pre = cfg.pretrain
@@ -279,13 +342,5 @@ def pretrain_datasets(
         seed=pre.seed,
         labeled_keys=np.zeros(0, np.uint64),
     )
-    seed, cache_mb, norm = pre.seed, cfg.data.cache_mb, cfg.data.normalize
-    check = cfg.data.verify_checksums
-    train = split_dataset(
-        manifest, "train", spec, options, shuffle_seed=seed, normalize=norm, verify=check
-    )
-    valid = split_dataset(manifest, "valid", spec, options, normalize=norm, verify=check)
-    return {
-        "train": cached(train, manifest, "train", cache_mb, seed),
-        "valid": cached(valid, manifest, "valid", cache_mb, None),
-    }
+    specs = dict.fromkeys(TRAINING_SPLITS, spec)
+    return _training_datasets(manifest, cfg, specs, pre.seed, options, cache)

@@ -169,6 +169,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         steps, samples, started = 0, 0, time.perf_counter()
         for batch in train_shard.iter_torch_batches(
             batch_size=batch_size,
+            prefetch_batches=cfg.data.prefetch_batches,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=scfg.seed + epoch if cfg.data.shuffle_buffer else None,
         ):

@@ -128,12 +128,19 @@ class PreparedStage:
 
 
 def prepare_stage(
-    stage: str, cfg: ExperimentConfig, run_dir: str, *, allow_config_change: bool = False
+    stage: str,
+    cfg: ExperimentConfig,
+    run_dir: str,
+    *,
+    allow_config_change: bool = False,
+    cache: pipeline.SplitCache | None = None,
 ) -> PreparedStage:
     """Open the data, resolve the pretrained model, write ``config.json``; no training yet.
 
-    Resuming (``config.json`` exists) with settings other than the saved ones is refused unless
-    ``allow_config_change``: the checkpoints would silently continue under another experiment.
+    ``cache``: decoded splits shared with other runs (a sweep's); None builds this run's own
+    when ``data.cache_mb`` asks for one. Resuming (``config.json`` exists) with settings other
+    than the saved ones is refused unless ``allow_config_change``: the checkpoints would
+    silently continue under another experiment.
     """
     if stage not in ("pretrain", "finetune"):
         raise ValueError(f"unknown stage {stage!r}")
@@ -144,9 +151,9 @@ def prepare_stage(
     pretrained = None
     if stage == "finetune":
         cfg, pretrained = _with_pretrained_model(cfg, options)
-        datasets = pipeline.finetune_datasets(manifest, cfg, options)
+        datasets = pipeline.finetune_datasets(manifest, cfg, options, cache)
     else:
-        datasets = pipeline.pretrain_datasets(manifest, cfg, options)
+        datasets = pipeline.pretrain_datasets(manifest, cfg, options, cache)
     _save_config(stage, cfg, run_dir, options, allow_config_change)
     metric, mode = selection(stage, manifest.family, cfg)
     return PreparedStage(stage, cfg, run_dir, options, manifest, datasets, pretrained, metric, mode)

@@ -35,6 +35,7 @@ from sslmm_ray import locks, ray_env, storage
 from sslmm_ray import metrics as mmsa
 from sslmm_ray.config import ExperimentConfig, from_dict
 from sslmm_ray.data import store
+from sslmm_ray.data.pipeline import SplitCache
 from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
@@ -160,16 +161,20 @@ def run_sweep(
         _check_same_sweep(cfg, layout, options)
         cells = space.grid(cfg.tune.label_ratios, cfg.tune.missing_rates)
         results, skipped, failed = [], [], []
+        cache: SplitCache | None = None
         for cell in cells:
             if storage.exists(layout.result(cell), options):
                 log.info("cell %s: finished earlier, skipped", cell.name)
                 skipped.append(cell.name)
                 results.append(storage.read_json(layout.result(cell), options))
                 continue
+            if cache is None and cfg.data.cache_mb > 0:  # once, for every trial of the sweep
+                cache = SplitCache.build(manifest, cfg, options)
             try:
                 results.append(
                     run_cell(cfg, cell, layout, options, selected, headline,
-                             baseline=baseline, verbose=verbose, trial_fn=trial_fn)
+                             baseline=baseline, verbose=verbose, trial_fn=trial_fn,
+                             cache=cache)
                 )
             except CellFailed as err:
                 log.error("%s", err)
@@ -191,7 +196,7 @@ def run_sweep(
 
 def _tuner(
     cfg: ExperimentConfig, cell: Cell, layout: Layout, selected: tuple[str, str],
-    verbose: int = 1, trial_fn: TrialFn = trial.run_trial,
+    verbose: int = 1, trial_fn: TrialFn = trial.run_trial, cache: SplitCache | None = None,
 ) -> tune.Tuner:
     """A new Tuner for the cell, or the interrupted one restored from storage.
 
@@ -204,7 +209,9 @@ def _tuner(
     storage_path, fs = storage.ray_storage(layout.root, options)
     exp_path, _ = storage.ray_storage(layout.cell_dir(cell), options)
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, base=cfg.to_dict(), runs_uri=layout.runs(cell)),
+        # the cache travels by reference: its blocks stay where the sweep put them
+        tune.with_parameters(trial_fn, base=cfg.to_dict(), runs_uri=layout.runs(cell),
+                             **({"cache": cache} if cache is not None else {})),
         TRIAL_DRIVER_RESOURCES,
     )
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
@@ -266,6 +273,7 @@ def run_cell(
     baseline: bool = False,
     verbose: int = 1,
     trial_fn: TrialFn = trial.run_trial,
+    cache: SplitCache | None = None,
 ) -> dict[str, Any]:
     """Search one cell, test its best trial once, optionally run its baseline; publish.
 
@@ -275,7 +283,7 @@ def run_cell(
     the cell done, and its search would never be completed."""
     metric, mode = selected
     started = time.monotonic()
-    grid = _tuner(cfg, cell, layout, selected, verbose, trial_fn).fit()
+    grid = _tuner(cfg, cell, layout, selected, verbose, trial_fn, cache).fit()
     search_wall_s = time.monotonic() - started
     errored = [r for r in grid if r.error]
     if errored:

@@ -15,6 +15,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from sslmm_ray import ray_env, storage
+from sslmm_ray.data.pipeline import SplitCache
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train.runlog import RunLog
 from sslmm_ray.tune import space
@@ -46,8 +47,12 @@ def is_finished(run_dir: str, options: StorageOptions) -> bool:
     return storage.exists(storage.join(run_dir, "metrics.json"), options)
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], runs_uri: str) -> None:
-    """Tune function: fine-tune with the trial's values; never repeat a finished run."""
+def run_trial(
+    config: dict[str, Any], base: dict[str, Any], runs_uri: str, cache: SplitCache | None = None
+) -> None:
+    """Tune function: fine-tune with the trial's values; never repeat a finished run.
+
+    ``cache``: the sweep's decoded splits (``data.cache_mb``), shared by all its trials."""
     from sslmm_ray.train.runner import build_trainer, finish_stage, prepare_stage
 
     ray_env.quiet_ray_data()
@@ -58,6 +63,6 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], runs_uri: str) -> No
         for epoch in RunLog.read(run_dir, options):
             tune.report({**epoch, EPOCHS_DONE: int(epoch["epoch"]) + 1})
         return
-    prep = prepare_stage("finetune", cfg, run_dir)
+    prep = prepare_stage("finetune", cfg, run_dir, cache=cache)
     result = build_trainer(prep, callbacks=[EpochReportCallback()]).fit()
     finish_stage(prep, result, evaluate_test=False)
