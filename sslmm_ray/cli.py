@@ -607,12 +607,15 @@ def bench_data(as_json: JsonFlag = False) -> None:
 def bench_train(
     scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.3,
     epochs: Annotated[int, typer.Option(help="Epochs per run (the first is warm-up).")] = 4,
+    s3_uri: Annotated[str | None, typer.Option(
+        help="s3://bucket/prefix to stream from (endpoint and credentials from the "
+             "environment); default: a moto server on 127.0.0.1.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Epoch throughput: Ray Train vs a plain PyTorch loop, and 1 vs 2 workers."""
+    """Epoch throughput: Ray Train streaming from S3 vs a plain PyTorch loop in memory."""
     from sslmm_ray.bench import train
 
-    _bench("train", train.run(scale=scale, epochs=epochs), as_json)
+    _bench("train", train.run(scale=scale, epochs=epochs, s3_uri=s3_uri), as_json)
 
 
 class BenchDataset(str, Enum):
