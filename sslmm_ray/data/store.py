@@ -44,6 +44,7 @@ import posixpath
 import re
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -485,6 +486,10 @@ def _check_version(manifest: Manifest, manifest_uri: str, options: StorageOption
     )
 
 
+#: Shards whose size, footer and schema ``open_dataset`` checks at once.
+OPEN_CHECK_THREADS = 8
+
+
 def open_dataset(
     uri: str, options: StorageOptions | None = None, *, verify: bool = False
 ) -> Manifest:
@@ -507,8 +512,16 @@ def open_dataset(
         raise DataError(f"{manifest_uri}: modalities {missing} missing from the manifest")
     expected = arrow_schema(manifest.modalities)
     fs, _ = storage.resolve(uri, options)
-    for shard in manifest.shards:
+
+    def check(shard: ShardInfo) -> None:
         _check_shard(fs, storage.join(uri, shard.path), shard, expected, options, verify)
+
+    # Two round trips per shard (stat, footer): latency-bound on object storage, so in
+    # parallel; the error raised is the first shard's in manifest order, as a serial check's.
+    threads = max(1, min(OPEN_CHECK_THREADS, len(manifest.shards)))
+    with ThreadPoolExecutor(threads, thread_name_prefix="sslmm-open") as pool:
+        for _ in pool.map(check, manifest.shards):
+            pass
     return manifest
 
 
