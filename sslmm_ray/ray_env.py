@@ -24,12 +24,17 @@ LOCAL_CPU_OVERSUBSCRIPTION = 2
 DATA_HEADROOM_CPUS = 1.0
 
 
+#: Set to 1 when local paths are on a filesystem that every node mounts (NFS, EFS, Lustre).
+SHARED_FILESYSTEM_ENV = "SSLMM_SHARED_FILESYSTEM"
+
+
 @dataclass(frozen=True)
 class ClusterInfo:
     address: str
     cpus: float
     gpus: float
     local: bool
+    nodes: int = 1
 
 
 def quiet_ray_data() -> None:
@@ -73,6 +78,7 @@ def init(num_cpus: int | None = None, *, quiet: bool = True) -> ClusterInfo:
         cpus=float(resources.get("CPU", 0.0)),
         gpus=float(resources.get("GPU", 0.0)),
         local=local,
+        nodes=sum(1 for node in ray.nodes() if node.get("Alive")),
     )
     log.info("ray cluster: %s", info)
     return info
@@ -107,4 +113,28 @@ def check_fits(
         raise UserError(
             f"{what} needs {workers} GPUs but the cluster has {info.gpus:g}; "
             "drop --gpus or use fewer workers"
+        )
+
+
+def check_paths_reach_every_node(info: ClusterInfo, paths: dict[str, str | None]) -> None:
+    """Refuse local paths that workers on other nodes would not see, before anything runs.
+
+    On one node a local path is everywhere the workers are. On several (or an autoscaling
+    cluster, which may add some) a worker would fail on it, and only after an epoch's work
+    (the first checkpoint, the pretrained weights). A path on a filesystem every node mounts
+    is fine: ``SSLMM_SHARED_FILESYSTEM=1`` says so.
+    """
+    from sslmm_ray import storage
+
+    autoscaling = os.environ.get("SSLMM_AUTOSCALING") == "1"
+    if (info.nodes <= 1 and not autoscaling) or os.environ.get(SHARED_FILESYSTEM_ENV) == "1":
+        return
+    local = {what: path for what, path in paths.items() if path and not storage.is_remote(path)}
+    if local:
+        where = "an autoscaling cluster" if autoscaling else f"a cluster of {info.nodes} nodes"
+        listed = ", ".join(f"{what} {path}" for what, path in local.items())
+        raise UserError(
+            f"local path on {where}: {listed}; workers on other nodes cannot read or write "
+            "it. Use an s3:// URI, or a filesystem every node mounts and set "
+            f"{SHARED_FILESYSTEM_ENV}=1"
         )

@@ -271,6 +271,10 @@ def run_stage(
         raise ValueError(f"unknown stage {stage!r}")
     scfg = stage_config(cfg, stage)
     info = ray_env.init()
+    ray_env.check_paths_reach_every_node(info, {
+        "--run-dir": run_dir, "--data": cfg.data.uri,
+        "--pretrained": cfg.finetune.pretrained if stage == "finetune" else None,
+    })
     ray_env.check_fits(
         info,
         workers=scfg.workers,

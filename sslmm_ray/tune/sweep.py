@@ -150,6 +150,9 @@ def run_sweep(
     started = time.monotonic()
     cfg = sweep_config(cfg)
     info = ray_env.init()
+    ray_env.check_paths_reach_every_node(info, {
+        "--storage": storage_uri, "--data": cfg.data.uri, "--pretrained": cfg.finetune.pretrained,
+    })
     check_plan(cfg, info)
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
     manifest = store.open_dataset(cfg.data.uri, options)
