@@ -146,10 +146,18 @@ def data_synth(
     shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 256,
     compression: Annotated[str, typer.Option(
         help="Parquet codec: none (fastest to stream), zstd, lz4, snappy, gzip.")] = "none",
+    use_ray: Annotated[bool | None, typer.Option(
+        "--ray/--no-ray",
+        help="Generate and write shards as Ray tasks (default: when RAY_ADDRESS is set).")] = None,
     s3_endpoint: S3Endpoint = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Generate a synthetic dataset with a real data set's shapes and write the canonical store."""
+    """Generate a synthetic dataset with a real data set's shapes and write the canonical store.
+
+    Shard by shard: no process holds more than one shard's rows, whatever the scale.
+    """
+    import os
+
     from sslmm_ray import storage
     from sslmm_ray.data import store, synth
     from sslmm_ray.storage import StorageOptions
@@ -158,9 +166,16 @@ def data_synth(
         raise UserError(f"--scale must be > 0, got {scale}")
     options = StorageOptions.from_env(s3_endpoint)
     storage.check_reachable(out_uri, options)  # fail before spending time on generation
-    raw = synth.generate(preset.value, scale=scale, aligned=aligned, seed=seed)
-    manifest = store.write_dataset(
-        raw, out_uri, options, shard_rows=shard_rows, compression=compression, seed=seed
+    source = synth.SynthSource(preset.value, scale=scale, aligned=aligned, seed=seed)
+    if use_ray is None:
+        use_ray = bool(os.environ.get("RAY_ADDRESS"))
+    if use_ray:
+        from sslmm_ray import ray_env
+
+        ray_env.init()
+    manifest = store.write_source(
+        source, out_uri, options, shard_rows=shard_rows, compression=compression, seed=seed,
+        parallel=use_ray,
     )
     _emit({"uri": out_uri, "name": manifest.name, "counts": manifest.counts,
            "dims": manifest.dims, "lengths": manifest.lengths,

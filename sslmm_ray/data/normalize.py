@@ -6,8 +6,9 @@ dominated by the largest feature and the model can fall to chance. Every feature
 mapped to ``(x - mean) / std`` with the mean and std of the *valid* frames of the *training*
 split (valid/test never leak into the statistics).
 
-Where: :func:`train_statistics` runs once when the canonical store is written and the result
-goes into the manifest (``normalization``); :func:`normalize_features` is the one function that
+Where: the store's writer computes the moments of each shard of the training split as it writes
+it (:func:`split_moments`), merges them in shard order (:func:`merge_moments`) and puts the
+result into the manifest (``normalization``); :func:`normalize_features` is the one function that
 applies it, called by :func:`sslmm_ray.data.store.decode_table` on every decode path (Ray Data
 pipeline, batch prediction, benchmarks). Padding frames stay exactly zero, and the protocols
 zero missing content afterwards as before. ``data.normalize=false`` switches it off.
@@ -15,7 +16,7 @@ zero missing content afterwards as before. ``data.normalize=false`` switches it 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,13 +60,22 @@ class Moments:
         if k == 0:
             return
         x = frames.astype(np.float64)
-        mean = x.mean(axis=0)
-        x -= mean
+        chunk = Moments(x.shape[1])
+        chunk.count = k
+        chunk.mean = x.mean(axis=0)
+        x -= chunk.mean
         np.square(x, out=x)
-        total = self.count + k
-        delta = mean - self.mean
-        self.mean += delta * (k / total)
-        self.m2 += x.sum(axis=0) + delta**2 * (self.count * k / total)
+        chunk.m2 = x.sum(axis=0)
+        self.merge(chunk)
+
+    def merge(self, other: Moments) -> None:
+        """Add the moments of another part of the data (Chan's update; ``other`` unchanged)."""
+        if other.count == 0:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / total)
+        self.m2 = self.m2 + (other.m2 + delta**2 * (self.count * other.count / total))
         self.count = total
 
     def finish(self) -> dict[str, list[float]]:
@@ -80,12 +90,13 @@ def valid_frames(lengths: np.ndarray, length: int) -> np.ndarray:
     return np.arange(length)[None, :] < np.asarray(lengths)[:, None]
 
 
-def train_statistics(arrays: Mapping[str, np.ndarray]) -> Statistics:
-    """Per-modality, per-feature mean and std over the valid frames of one split (train).
+def split_moments(arrays: Mapping[str, np.ndarray]) -> dict[str, Moments]:
+    """Per modality, the moments of the valid frames of ``arrays`` (a split or part of one).
 
-    One pass over row chunks; no copy of the whole split is made.
+    One pass over row chunks; no copy of the whole split is made. The streaming writer
+    computes these per shard and merges them in shard order (:func:`merge_moments`).
     """
-    out: Statistics = {}
+    out: dict[str, Moments] = {}
     for m in MODALITIES:
         feats, lengths = arrays[m], arrays[f"{m}_len"]
         n, t, d = feats.shape
@@ -94,11 +105,35 @@ def train_statistics(arrays: Mapping[str, np.ndarray]) -> Statistics:
         for start in range(0, n, step):
             chunk = feats[start : start + step]
             moments.update(chunk[valid_frames(lengths[start : start + step], t)])
-        stats = moments.finish()
+        out[m] = moments
+    return out
+
+
+def merge_moments(parts: Iterable[Mapping[str, Moments]]) -> dict[str, Moments]:
+    """The moments of the union of ``parts``, merged in the order given (deterministic)."""
+    out: dict[str, Moments] = {}
+    for part in parts:
+        for m, moments in part.items():
+            if m not in out:
+                out[m] = Moments(len(moments.mean))
+            out[m].merge(moments)
+    return out
+
+
+def finish_statistics(moments: Mapping[str, Moments]) -> Statistics:
+    """Moments -> the manifest's statistics; non-finite ones are a :class:`DataError`."""
+    out: Statistics = {}
+    for m in MODALITIES:
+        stats = moments[m].finish()
         if not np.isfinite(stats["mean"]).all() or not np.isfinite(stats["std"]).all():
             raise DataError(f"train split: '{m}' holds non-finite values in valid frames")
         out[m] = stats
     return out
+
+
+def train_statistics(arrays: Mapping[str, np.ndarray]) -> Statistics:
+    """Per-modality, per-feature mean and std over the valid frames of one split (train)."""
+    return finish_statistics(split_moments(arrays))
 
 
 def check_statistics(stats: Any, dims: Mapping[str, int]) -> str | None:

@@ -46,6 +46,7 @@ from sslmm_ray.data.store import (
     check_feature_columns,
     decode_table,
     iter_split_tables,
+    read_label_index,
     read_verified,
 )
 from sslmm_ray.storage import StorageOptions
@@ -194,9 +195,19 @@ def labeled_split_keys(
     seed: int,
     options: StorageOptions | None = None,
 ) -> np.ndarray | None:
-    """The keys of a split's rows that keep their label, from the id and label columns only."""
+    """The keys of a split's rows that keep their label.
+
+    From the split's label index (one small file the writer made, checksum checked) when the
+    store has one; stores written before it are scanned: the id and label columns of every
+    shard, read here on the driver. Both give the same keys (the index holds the same rows in
+    the same order as the scan).
+    """
     if ratio >= 1.0:
         return None
+    index = read_label_index(manifest, split, options)
+    if index is not None:
+        keys, labels = index
+        return protocols.labeled_keys_of_keys(keys, labels, ratio, seed)
     # Unchecked: two small columns only; the training read of these shards checks them whole.
     tables = list(
         iter_split_tables(manifest, split, options, columns=["id", "label"], verify=False)

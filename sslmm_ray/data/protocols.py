@@ -72,9 +72,16 @@ def uniforms(seed: int, keys: np.ndarray, stream: int, width: int = 1) -> np.nda
 
 def labeled_mask(ids: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
     """Which training rows keep their label: ``round(ratio * n)`` per sentiment-sign stratum."""
+    return labeled_mask_of_keys(sample_keys(ids), labels, ratio, seed)
+
+
+def labeled_mask_of_keys(
+    keys: np.ndarray, labels: np.ndarray, ratio: float, seed: int
+) -> np.ndarray:
+    """:func:`labeled_mask` from the rows' :func:`sample_keys` (the store's label index)."""
     if not 0.0 < ratio <= 1.0:
         raise UserError(f"label ratio must be in (0, 1], got {ratio}")
-    keys = sample_keys(ids)
+    keys = np.asarray(keys, _U64)
     u = uniforms(seed, keys, _STREAM_LABEL)[:, 0]
     signs = np.sign(np.asarray(labels, np.float64))
     keep = np.zeros(len(keys), dtype=bool)
@@ -209,5 +216,12 @@ def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
 
 def labeled_keys(ids: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
     """Sorted keys of the labeled training rows, to ship to Ray Data tasks."""
-    keep = labeled_mask(ids, labels, ratio, seed)
-    return np.sort(sample_keys(ids)[keep])
+    return labeled_keys_of_keys(sample_keys(ids), labels, ratio, seed)
+
+
+def labeled_keys_of_keys(
+    keys: np.ndarray, labels: np.ndarray, ratio: float, seed: int
+) -> np.ndarray:
+    """:func:`labeled_keys` from the rows' keys: the same draw, no id hashing."""
+    keys = np.asarray(keys, _U64)
+    return np.sort(keys[labeled_mask_of_keys(keys, labels, ratio, seed)])

@@ -5,6 +5,7 @@ Layout under the dataset URI::
     manifest.json                      published last: its presence means "complete"
     <generation>/train-00000.parquet   one row per sample
     <generation>/valid-00000.parquet
+    <generation>/labels-train.parquet  (key, label) per row: the label index
     ...
 
 Why generations: each write goes to a fresh folder and the manifest is written only after every
@@ -22,9 +23,15 @@ Rows hold ``id``, ``split``, ``label`` and per modality the ``(T, d)`` features 
 ~0.3 ms per MOSI row per core; a fixed-size binary column is one flat buffer that
 :func:`decode_table` views with ``np.frombuffer``, no copy (docs/DATA.md, "Storage format").
 Each split's rows are permuted with the write's ``seed`` before sharding, so a source ordered by
-video does not give shards of one speaker. The manifest also carries the training split's
-per-feature mean and std (:mod:`sslmm_ray.data.normalize`), which decoding applies when asked
-to. Format 1 stores (fixed-size list columns) are refused with the command that upgrades them
+video does not give shards of one speaker. Writing is shard by shard (:func:`write_source`): each
+shard asks its source for exactly the rows the permutation puts there (a synthetic source makes
+them by index; an in-memory one is sliced), in Ray tasks when Ray is running, so no process
+holds more than a shard. Each split also gets a label index, ``<generation>/labels-<split>.parquet``
+(sample key and label per row, listed and checksummed in the manifest), so that drawing a run's
+labeled rows reads one small file instead of every shard. The manifest also carries the
+training split's per-feature mean and std (:mod:`sslmm_ray.data.normalize`, merged from the
+shards' moments as they are written), which decoding applies when asked to. Format 1 stores
+(fixed-size list columns) are refused with the command that upgrades them
 (:func:`upgrade_dataset`).
 
 Reading trusts nothing it has not checked: the manifest's fields, then each shard's presence,
@@ -42,11 +49,12 @@ import hashlib
 import logging
 import posixpath
 import re
+import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -57,12 +65,16 @@ import xxhash
 from sslmm_ray import locks, storage
 from sslmm_ray.config import MODALITIES
 from sslmm_ray.data.normalize import (
+    Moments,
     Normalizer,
     Statistics,
     check_statistics,
+    finish_statistics,
+    merge_moments,
     normalize_features,
-    train_statistics,
+    split_moments,
 )
+from sslmm_ray.data.protocols import sample_keys
 from sslmm_ray.data.sources import SPLITS, DataError, RawDataset, validate_raw
 from sslmm_ray.errors import UserError
 from sslmm_ray.metrics import dataset_family
@@ -84,6 +96,8 @@ COMPRESSIONS: tuple[str, ...] = ("none", "zstd", "lz4", "snappy", "gzip")
 #: them costs more CPU than decoding the Parquet itself, and decode is what limits streaming
 #: (docs/DATA.md, "Streaming throughput"). Pick "zstd" where storage or bandwidth is scarce.
 DEFAULT_COMPRESSION = "none"
+#: Bytes of rows the Parquet encoder takes at a time (see :func:`_encode_shard`).
+ENCODE_BATCH_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,10 @@ class Manifest:
     # Each split's rows were permuted with numpy ``default_rng((seed, SPLITS.index(split)))``
     # before sharding (format 2; see :func:`row_order`).
     seed: int = 0
+    # Per split, one small Parquet file of (key, label) in stored row order, written with the
+    # shards (:func:`read_label_index`): what drawing the labeled rows needs, without reading
+    # every shard. [] in stores written before it existed: those are scanned.
+    label_index: list[ShardInfo] = field(default_factory=list)
 
     @property
     def family(self) -> str:
@@ -179,6 +197,7 @@ class Manifest:
                 format_version=int(data.get("format_version", 0)),
                 created=data.get("created", ""),
                 seed=int(data.get("seed", 0)),
+                label_index=[ShardInfo(**s) for s in data.get("label_index") or []],
             )
         except (
             KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError
@@ -211,6 +230,28 @@ class Manifest:
             raise DataError(
                 f"{where}: shard rows per split {rows} do not add up to counts {self.counts}"
             )
+        indexed: set[str] = set()
+        for entry in self.label_index:
+            fields_ok = all(isinstance(getattr(entry, k), str)
+                            for k in ("path", "split", "sha256", "xxh3"))
+            if not fields_ok or not all(
+                type(getattr(entry, k)) is int for k in ("rows", "bytes")
+            ):
+                raise DataError(f"{where}: malformed label index entry {entry}")
+            norm = posixpath.normpath(entry.path)
+            if norm != entry.path or norm.startswith(("/", "..")):
+                raise DataError(f"{where}: label index {entry.path!r} escapes the dataset folder")
+            if entry.split not in rows or entry.split in indexed:
+                raise DataError(f"{where}: label index {entry.path} has split {entry.split!r}, "
+                                "not a split of the shards or listed twice")
+            if entry.rows != rows[entry.split]:
+                raise DataError(f"{where}: label index {entry.path} has {entry.rows} rows, "
+                                f"split {entry.split!r} {rows[entry.split]}")
+            indexed.add(entry.split)
+
+    def label_index_for(self, split: str) -> ShardInfo | None:
+        """The label index of ``split``, or None (stores written before it existed)."""
+        return next((e for e in self.label_index if e.split == split), None)
 
 
 def arrow_schema(modalities: dict[str, ModalitySpec]) -> pa.Schema:
@@ -249,11 +290,18 @@ def _split_table(split: str, arrays: dict[str, np.ndarray], schema: pa.Schema) -
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _encode_shard(table: pa.Table, compression: str) -> bytes:
+def _encode_shard(table: pa.Table, compression: str) -> pa.Buffer:
     """One Parquet file, one row group. Features skip dictionaries and statistics: float
-    features gain nothing from either, and both cost time at write and read."""
+    features gain nothing from either, and both cost time at write and read.
+
+    Values are encoded ~1 MiB of rows at a time (``write_batch_size``): with the default of
+    1024 rows the encoder buffered a whole shard's feature column (a MOSI text column of 256
+    rows is 39 MB) before cutting pages, and Arrow's peak while encoding a 49 MB shard was
+    139 MB; now it is the output buffer's 64 MB.
+    """
     sink = pa.BufferOutputStream()
     small = ["id", "split", "label", *(f"{m}_len" for m in MODALITIES)]
+    row_bytes = table.nbytes // max(1, table.num_rows)
     pq.write_table(
         table,
         sink,
@@ -261,8 +309,9 @@ def _encode_shard(table: pa.Table, compression: str) -> bytes:
         use_dictionary=["split"],
         write_statistics=small,
         row_group_size=max(1, table.num_rows),
+        write_batch_size=max(1, min(1024, ENCODE_BATCH_BYTES // max(1, row_bytes))),
     )
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()  # no copy to bytes: hashing and writing take the buffer
 
 
 def _family(name: str) -> str | None:
@@ -294,6 +343,72 @@ def _remove_quietly(uri: str, options: StorageOptions | None, why: str) -> None:
         log.warning("could not remove %s (%s): %s", uri, why, err)
 
 
+class RowSource(Protocol):
+    """A data set the writer can take rows from, a shard at a time (never whole).
+
+    ``rows(split, indices)`` returns the split's source rows ``indices`` in that order, in the
+    :class:`~sslmm_ray.data.sources.SplitArrays` layout. ``portable``: the object is small and
+    makes its rows itself, so shards may be written in Ray tasks (``synth.SynthSource``); an
+    in-memory data set is not (its arrays would be copied to every task). ``checked``: its rows
+    were validated already (``validate_raw`` on the whole data set), otherwise each shard's
+    rows are validated as they are written.
+    """
+
+    name: str
+    label_range: tuple[float, float]
+    stats: dict[str, Any]
+    portable: bool
+    checked: bool
+
+    def counts(self) -> dict[str, int]: ...
+
+    def dims(self) -> dict[str, int]: ...
+
+    def max_lengths(self) -> dict[str, int]: ...
+
+    def rows(self, split: str, indices: np.ndarray) -> Mapping[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class _InMemory:
+    """A :class:`RawDataset` (validated) as a :class:`RowSource`: rows are copied out of it."""
+
+    raw: RawDataset
+    portable = False
+    checked = True
+
+    @property
+    def name(self) -> str:
+        return self.raw.name
+
+    @property
+    def label_range(self) -> tuple[float, float]:
+        return self.raw.label_range
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return dict(self.raw.stats)
+
+    def counts(self) -> dict[str, int]:
+        return self.raw.counts()
+
+    def dims(self) -> dict[str, int]:
+        return self.raw.dims()
+
+    def max_lengths(self) -> dict[str, int]:
+        return self.raw.max_lengths()
+
+    def rows(self, split: str, indices: np.ndarray) -> Mapping[str, np.ndarray]:
+        return {k: v[indices] for k, v in self.raw.splits[split].items()}
+
+
+def _check_write_args(shard_rows: int, compression: str) -> None:
+    if shard_rows < 1:
+        raise UserError(f"shard_rows must be >= 1, got {shard_rows}")
+    if compression.lower() not in COMPRESSIONS:
+        raise UserError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+
+
 @locks.exclusive("uri", what="dataset")  # two writers of one URI would mix generations
 def write_dataset(
     raw: RawDataset,
@@ -305,49 +420,183 @@ def write_dataset(
     deep_check: bool = True,
     seed: int = 0,
 ) -> Manifest:
-    """Write ``raw`` as sharded Parquet, then publish the manifest (last).
+    """Write an in-memory ``raw`` as sharded Parquet, then publish the manifest (last).
+
+    ``raw`` is validated first (``deep_check``: every value finite, zero padding), so bad input
+    raises :class:`DataError` before any byte is written. Then as :func:`write_source`, in this
+    process (``raw`` is already in memory; Ray tasks would only copy it).
+    """
+    _check_write_args(shard_rows, compression)
+    validate_raw(raw, deep=deep_check)
+    storage.check_reachable(uri, options)
+    return _write(_InMemory(raw), uri, options, shard_rows=shard_rows,
+                  compression=compression.lower(), deep_check=deep_check, seed=seed,
+                  parallel=False)
+
+
+@locks.exclusive("uri", what="dataset")
+def write_source(
+    source: RowSource,
+    uri: str,
+    options: StorageOptions | None = None,
+    *,
+    shard_rows: int = 256,
+    compression: str = DEFAULT_COMPRESSION,
+    deep_check: bool = True,
+    seed: int = 0,
+    parallel: bool | None = None,
+) -> Manifest:
+    """Write ``source`` shard by shard in bounded memory, then publish the manifest (last).
 
     Each split's rows are permuted with ``seed`` (:func:`row_order`, recorded in the manifest)
     before they are cut into shards: sources list rows by video, and shards of one speaker
-    would make shard-level shuffling and streaming batches far from i.i.d.
+    would make shard-level shuffling and streaming batches far from i.i.d. Each shard asks the
+    source for exactly the rows the permutation puts there, so one shard's rows are in memory
+    per worker, never a split. Each shard is validated (``deep_check``: every value) unless the
+    source was already, encoded, written, checksummed; the training split's normalisation
+    moments and every split's (key, label) pairs come back with it. The moments are merged in
+    shard order (the same statistics in or out of Ray), the (key, label) pairs become the
+    split's label index, and the manifest is published last with the same guarantees as
+    before: a failure removes this write's folder and leaves any previous dataset at ``uri``
+    untouched; a successful overwrite deletes the previous generation after the new manifest
+    is read back.
 
-    ``raw`` is validated first (``deep_check``: every value finite, zero padding), so bad input
-    raises :class:`DataError` before any byte is written. A failure while writing removes this
-    write's shards and leaves any previous dataset at ``uri`` untouched; a successful overwrite
-    deletes the previous generation's shards after the new manifest is published.
+    ``parallel``: write shards as Ray tasks (None: when Ray is initialised in this process and
+    the source is portable); otherwise one after the other here.
     """
-    if shard_rows < 1:
-        raise UserError(f"shard_rows must be >= 1, got {shard_rows}")
-    if compression.lower() not in COMPRESSIONS:
-        raise UserError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    validate_raw(raw, deep=deep_check)
+    _check_write_args(shard_rows, compression)
     storage.check_reachable(uri, options)
-    normalization = train_statistics(raw.splits["train"]) if "train" in raw.splits else {}
+    return _write(source, uri, options, shard_rows=shard_rows, compression=compression.lower(),
+                  deep_check=deep_check, seed=seed, parallel=parallel)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where and how a shard is written (shipped to Ray tasks: small, picklable)."""
+
+    uri: str
+    generation: str
+    schema: pa.Schema
+    compression: str
+    options: StorageOptions | None
+    deep_check: bool
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    split: str
+    number: int
+    rows: np.ndarray  # source row indices, in stored order
+
+
+@dataclass
+class _ShardResult:
+    info: ShardInfo
+    keys: np.ndarray  # (rows,) uint64 sample keys, in stored order
+    labels: np.ndarray  # (rows,) float32
+    moments: dict[str, Moments] | None  # train split only
+
+
+def _shard_jobs(counts: Mapping[str, int], shard_rows: int, seed: int) -> list[_ShardJob]:
+    jobs = []
+    for split in SPLITS:
+        if split not in counts:
+            continue
+        order = row_order(counts[split], seed, split)
+        for i, start in enumerate(range(0, counts[split], shard_rows)):
+            jobs.append(_ShardJob(split, i, order[start : start + shard_rows]))
+    return jobs
+
+
+def _write_shard(source: RowSource, job: _ShardJob, target: _Target) -> _ShardResult:
+    """Make, check, encode, write and checksum one shard; runs here or in a Ray task."""
+    arrays = dict(source.rows(job.split, job.rows))
+    if not source.checked:
+        splits: dict[str, Any] = {job.split: arrays}
+        part = RawDataset(source.name, source.label_range, splits)
+        validate_raw(part, dims=source.dims(), deep=target.deep_check)
+    keys = sample_keys(arrays["id"])
+    labels = np.asarray(arrays["label"], np.float32).copy()
+    moments = split_moments(arrays) if job.split == "train" else None
+    table = _split_table(job.split, arrays, target.schema)
+    del arrays  # the table holds the feature buffers; nothing else needs them
+    payload = _encode_shard(table, target.compression)
+    rows = table.num_rows
+    del table
+    rel = f"{target.generation}/{job.split}-{job.number:05d}.parquet"
+    storage.write_bytes(storage.join(target.uri, rel), payload, target.options)
+    info = ShardInfo(
+        path=rel,
+        split=job.split,
+        rows=rows,
+        bytes=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(),
+        xxh3=xxhash.xxh3_64_hexdigest(payload),
+    )
+    return _ShardResult(info, keys, labels, moments)
+
+
+def _ray_if_running() -> Any:
+    """The ``ray`` module when Ray is initialised in this process, else None (no import)."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
+def _write(
+    source: RowSource,
+    uri: str,
+    options: StorageOptions | None,
+    *,
+    shard_rows: int,
+    compression: str,
+    deep_check: bool,
+    seed: int,
+    parallel: bool | None,
+) -> Manifest:
+    counts = {s: int(n) for s, n in source.counts().items()}
+    unknown = sorted(set(counts) - set(SPLITS))
+    if unknown:
+        raise DataError(f"data set {source.name!r}: unknown split(s) {unknown}, expected {SPLITS}")
     previous = _previous_manifest(uri, options)
-    modalities = {
-        m: ModalitySpec(dim=d, length=t)
-        for (m, d), t in zip(raw.dims().items(), raw.max_lengths().values(), strict=True)
-    }
+    dims, lengths = source.dims(), source.max_lengths()
+    modalities = {m: ModalitySpec(dim=int(dims[m]), length=int(lengths[m])) for m in MODALITIES}
     schema = arrow_schema(modalities)
     stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
     generation = f"{GENERATION_PREFIX}{stamp}-{uuid.uuid4().hex[:8]}"
     generation_uri = storage.join(uri, generation)
+    target = _Target(uri, generation, schema, compression, options, deep_check)
+    jobs = _shard_jobs(counts, shard_rows, seed)
+    ray = _ray_if_running() if parallel is not False and source.portable else None
+    if parallel and ray is None:
+        raise UserError("parallel writing needs Ray initialised in this process (ray.init) "
+                        "and a source that makes its own rows")
     try:
-        shards, counts = _write_shards(
-            raw, uri, generation, schema, shard_rows, compression.lower(), options, seed
-        )
+        if ray is not None:
+            results = _run_in_ray(ray, source, jobs, target)
+        else:
+            results = [_write_shard(source, job, target) for job in jobs]
+        train = [r.moments for r in results if r.moments is not None]
+        normalization = finish_statistics(merge_moments(train)) if train else {}
+        label_index = [
+            _write_label_index(
+                split, [r for r, j in zip(results, jobs, strict=True) if j.split == split], target
+            )
+            for split in SPLITS
+            if split in counts
+        ]
         manifest = Manifest(
             uri=uri,
-            name=raw.name,
-            label_range=(float(raw.label_range[0]), float(raw.label_range[1])),
+            name=source.name,
+            label_range=(float(source.label_range[0]), float(source.label_range[1])),
             modalities=modalities,
             counts=counts,
-            shards=shards,
+            shards=[r.info for r in results],
             schema=schema.to_string(show_schema_metadata=False),
-            stats=dict(raw.stats),
+            stats=dict(source.stats),
             normalization=normalization,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             seed=seed,
+            label_index=label_index,
         )
     except BaseException:
         _remove_quietly(generation_uri, options, "partial write")
@@ -363,6 +612,119 @@ def write_dataset(
                     storage.join(uri, old),
                 )
     return manifest
+
+
+#: How long a failed parallel write waits for its other shard tasks to stop (cancelled) before
+#: killing them; the write's folder is removed only once no task can still write into it.
+_CANCEL_WAIT_S = 30.0
+
+
+def _run_in_ray(ray: Any, source: RowSource, jobs: list[_ShardJob], target: _Target
+                ) -> list[_ShardResult]:
+    """One Ray task per shard, as many in flight as the cluster has CPUs; results in order.
+
+    A failing task cancels the others and waits for them, so that the caller's cleanup is not
+    overtaken by a shard written after it; the task's own exception (a DataError, an OSError)
+    is re-raised as itself, not wrapped in Ray's traceback text.
+    """
+    task = ray.remote(num_cpus=1)(_write_shard)
+    window = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    source_ref = ray.put(source)
+    results: list[_ShardResult | None] = [None] * len(jobs)
+    pending: dict[Any, int] = {}
+    queue = iter(enumerate(jobs))
+    try:
+        while True:
+            while len(pending) < window and (item := next(queue, None)) is not None:
+                k, job = item
+                pending[task.remote(source_ref, job, target)] = k
+            if not pending:
+                break
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                k = pending.pop(ref)
+                try:
+                    results[k] = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    cause = getattr(err, "cause", None)
+                    if isinstance(cause, Exception):
+                        raise cause from None
+                    raise
+    except BaseException:
+        _stop_tasks(ray, list(pending))
+        raise
+    return results  # type: ignore[return-value]
+
+
+def _stop_tasks(ray: Any, refs: list[Any]) -> None:
+    """Cancel the shard tasks still running and wait until none can write any more."""
+    for force in (False, True):  # ask first (KeyboardInterrupt in the task), then kill
+        if not refs:
+            return
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=force)
+            except Exception as err:  # noqa: BLE001 - best effort; the wait below decides
+                log.debug("cancelling a shard task: %s", err)
+        _, refs = ray.wait(refs, num_returns=len(refs), timeout=_CANCEL_WAIT_S)
+    if refs:
+        log.warning("%d shard task(s) did not stop; their shards may be left behind", len(refs))
+
+
+#: The label index's columns: what :func:`sslmm_ray.data.protocols.labeled_keys_of_keys` reads.
+LABEL_INDEX_SCHEMA = pa.schema([
+    pa.field("key", pa.uint64(), nullable=False),
+    pa.field("label", pa.float32(), nullable=False),
+])
+
+
+def _write_label_index(split: str, results: list[_ShardResult], target: _Target) -> ShardInfo:
+    """The split's (key, label) pairs in stored row order, as one small Parquet file.
+
+    Drawing the labeled rows of a run (``pipeline.labeled_split_keys``) needs only these; with
+    the index the driver reads one file of 12 bytes a row instead of two columns of every shard.
+    """
+    keys = np.concatenate([r.keys for r in results])
+    labels = np.concatenate([r.labels for r in results])
+    if len(np.unique(keys)) != len(keys):
+        raise DataError(f"split {split!r}: sample ids are not unique")
+    table = pa.table({"key": keys, "label": labels}, schema=LABEL_INDEX_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="none", row_group_size=max(1, len(keys)))
+    payload = sink.getvalue()
+    rel = f"{target.generation}/labels-{split}.parquet"
+    storage.write_bytes(storage.join(target.uri, rel), payload, target.options)
+    return ShardInfo(
+        path=rel,
+        split=split,
+        rows=len(keys),
+        bytes=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(),
+        xxh3=xxhash.xxh3_64_hexdigest(payload),
+    )
+
+
+def read_label_index(
+    manifest: Manifest, split: str, options: StorageOptions | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The split's (keys uint64, labels float32) in stored row order, checksum checked; None
+    for stores written before the index existed (callers then scan the shards)."""
+    entry = manifest.label_index_for(split)
+    if entry is None:
+        return None
+    where = storage.join(manifest.uri, entry.path)
+    try:
+        payload = storage.read_bytes(where, options)
+    except FileNotFoundError:
+        raise DataError(f"{where}: label index listed in the manifest is missing") from None
+    table = read_verified(payload, where, entry)
+    if not table.schema.equals(LABEL_INDEX_SCHEMA) or table.num_rows != entry.rows:
+        raise DataError(f"{where}: label index has schema {table.schema.names} and "
+                        f"{table.num_rows} rows, expected (key uint64, label float32) and "
+                        f"{entry.rows}")
+    keys = table.column("key").to_numpy()
+    labels = table.column("label").to_numpy()
+    return keys, labels
 
 
 def _live_generations(uri: str, options: StorageOptions | None) -> set[str] | None:
@@ -419,45 +781,6 @@ def _publish(manifest: Manifest, generation: str, options: StorageOptions | None
         f"{manifest_uri}: just written, yet it points at {sorted(live)}, not {generation} "
         "(a concurrent write?); nothing was deleted"
     )
-
-
-def _write_shards(
-    raw: RawDataset,
-    uri: str,
-    generation: str,
-    schema: pa.Schema,
-    shard_rows: int,
-    compression: str,
-    options: StorageOptions | None,
-    seed: int,
-) -> tuple[list[ShardInfo], dict[str, int]]:
-    shards: list[ShardInfo] = []
-    counts: dict[str, int] = {}
-    for split in SPLITS:
-        if split not in raw.splits:
-            continue
-        arrays = raw.splits[split]
-        n = len(arrays["id"])
-        counts[split] = n
-        order = row_order(n, seed, split)
-        for i, start in enumerate(range(0, n, shard_rows)):
-            rows = order[start : start + shard_rows]  # one shard copied at a time, not a split
-            part = {k: v[rows] for k, v in arrays.items()}
-            table = _split_table(split, part, schema)
-            payload = _encode_shard(table, compression)
-            rel = f"{generation}/{split}-{i:05d}.parquet"
-            storage.write_bytes(storage.join(uri, rel), payload, options)
-            shards.append(
-                ShardInfo(
-                    path=rel,
-                    split=split,
-                    rows=table.num_rows,
-                    bytes=len(payload),
-                    sha256=hashlib.sha256(payload).hexdigest(),
-                    xxh3=xxhash.xxh3_64_hexdigest(payload),
-                )
-            )
-    return shards, counts
 
 
 def row_order(n: int, seed: int, split: str) -> np.ndarray:
@@ -522,6 +845,8 @@ def open_dataset(
     with ThreadPoolExecutor(threads, thread_name_prefix="sslmm-open") as pool:
         for _ in pool.map(check, manifest.shards):
             pass
+    for entry in manifest.label_index:
+        _check_present(fs, storage.join(uri, entry.path), entry, options, verify, "label index")
     return manifest
 
 
@@ -533,22 +858,8 @@ def _check_shard(
     options: StorageOptions | None,
     verify: bool,
 ) -> None:
+    _check_present(fs, shard_uri, shard, options, verify, "shard")
     _, path = storage.resolve(shard_uri, options)
-    try:
-        info = fs.get_file_info(path)
-    except OSError as err:
-        raise DataError(f"{shard_uri}: cannot stat shard ({err})") from None
-    if info.type != pafs.FileType.File:
-        raise DataError(f"{shard_uri}: shard listed in the manifest is missing")
-    if info.size != shard.bytes:
-        raise DataError(
-            f"{shard_uri}: shard is {info.size} bytes, the manifest says {shard.bytes} "
-            "(truncated or replaced)"
-        )
-    if verify:
-        digest = hashlib.sha256(storage.read_bytes(shard_uri, options)).hexdigest()
-        if digest != shard.sha256:
-            raise DataError(f"{shard_uri}: checksum mismatch (corrupt shard)")
     try:
         meta = pq.read_metadata(path, filesystem=fs)
         schema = meta.schema.to_arrow_schema()
@@ -567,6 +878,33 @@ def _check_shard(
                 f"{shard_uri}: column '{f.name}' has type {got}, expected {f.type} "
                 "(wrong dimension or length?)"
             )
+
+
+def _check_present(
+    fs: pafs.FileSystem,
+    file_uri: str,
+    entry: ShardInfo,
+    options: StorageOptions | None,
+    verify: bool,
+    what: str,
+) -> None:
+    """The file exists with the manifest's size (``verify``: and its SHA-256)."""
+    _, path = storage.resolve(file_uri, options)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise DataError(f"{file_uri}: cannot stat {what} ({err})") from None
+    if info.type != pafs.FileType.File:
+        raise DataError(f"{file_uri}: {what} listed in the manifest is missing")
+    if info.size != entry.bytes:
+        raise DataError(
+            f"{file_uri}: {what} is {info.size} bytes, the manifest says {entry.bytes} "
+            "(truncated or replaced)"
+        )
+    if verify:
+        digest = hashlib.sha256(storage.read_bytes(file_uri, options)).hexdigest()
+        if digest != entry.sha256:
+            raise DataError(f"{file_uri}: checksum mismatch (corrupt {what})")
 
 
 def decode_table(
