@@ -13,7 +13,7 @@ already know (the manifest) that costs seconds per epoch, more than reading the 
 packs a small split into one task with no streaming. V1 plans once and reads each shard in
 its own task; ``override_num_blocks`` stops it from cutting files into hundreds of tiny blocks.
 
-Integrity (``data.verify_checksums``, off by default: it costs 23-32% of streaming throughput,
+Integrity (``data.verify_checksums``, off by default: it costs 23-52% of streaming throughput,
 docs/DATA.md): each read task reads its shard's bytes (``read_binary_files``), checks them
 against the manifest's XXH3 (or SHA-256) and parses the Parquet from memory in the same task
 (:func:`sslmm_ray.data.store.read_verified`), so a corrupt shard fails the epoch with one line
