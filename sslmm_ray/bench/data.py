@@ -334,10 +334,12 @@ def run(
                 get_threads,
             )
         finally:
-            for uri, options in remotes:
-                storage.delete(uri, options)
-            for server in servers.values():
-                server.stop()
+            try:
+                for uri, options in remotes:
+                    storage.delete(uri, options)
+            finally:  # a failed delete must not leave a server process behind
+                for server in servers.values():
+                    server.stop()
     result["sources"] = _summarise(rounds["epochs"])
     if skipped:
         result["skipped"] = skipped
