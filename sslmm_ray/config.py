@@ -88,7 +88,7 @@ class DataConfig:
     normalize: bool = True
     # Check each shard's checksum (from the manifest) in the read task that decodes it, so a
     # corrupt shard stops training with one line naming it. Off by default: the checked read
-    # path (whole shard, then parse) cost 23-32% of streaming throughput, over the 5% budget
+    # path (whole shard, then parse) cost 23-52% of streaming throughput, over the 5% budget
     # (docs/DATA.md, "Integrity on every read"). Turn on for untrusted storage.
     verify_checksums: bool = False
 

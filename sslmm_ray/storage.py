@@ -374,7 +374,13 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
-    with _io(uri, options) as (fs, path), fs.open_input_stream(path) as f:
+    """The whole object or file. On S3: a HEAD then one GET of the known size.
+
+    Why not ``open_input_stream(path).read()``: of unknown size, it reads in ~256 KiB
+    pieces, each a ranged GET: a 25 MB shard took 96 requests (counted in moto's log), 11 MB/s
+    from moto and 80 MB/s from rclone on the dev machine, against 590 and 320 MB/s as one GET.
+    """
+    with _io(uri, options) as (fs, path), fs.open_input_file(path) as f:
         return f.read()
 
 

@@ -179,3 +179,29 @@ def test_spec_validation() -> None:
         ProtocolSpec(0.1, "sample")  # type: ignore[arg-type]
     spec = ProtocolSpec(labeled_keys=np.array([5, 3, 5], dtype=np.uint64))
     np.testing.assert_array_equal(spec.labeled_keys, [3, 5])
+
+
+@pytest.mark.parametrize("proto", ["modality", "frame"])
+def test_inplace_gives_the_same_batch_and_copies_what_it_does_not_own(small, proto) -> None:
+    """``inplace=True`` zeroes hidden frames in the caller's writable float32 arrays (as the
+    pipeline does after normalising) with the same result as the copying path, NaN included;
+    read-only arrays (Arrow views) are copied regardless, and the default never writes."""
+    spec = ProtocolSpec(0.5, proto, seed=5)
+    before = {k: v.copy() for k, v in small.items()}
+    expected = protocols.apply(small, spec)
+    for k, v in small.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)  # the default copied
+    owned = {k: v.copy() for k, v in small.items()}
+    for m in MODALITIES:
+        owned[m] = owned[m].astype(np.float32)
+        owned[m][~expected[f"{m}_mask"]] = np.nan  # garbage where frames are hidden
+    frozen = {k: v.copy() for k, v in owned.items()}
+    for m in MODALITIES:
+        frozen[m].flags.writeable = False
+    for arrays in (owned, frozen):
+        out = protocols.apply(arrays, spec, inplace=True)
+        for k in expected:
+            np.testing.assert_array_equal(out[k], expected[k], err_msg=k)
+    for m in MODALITIES:
+        assert np.shares_memory(protocols.apply(owned, spec, inplace=True)[m], owned[m])
+        assert np.isnan(frozen[m]).any()  # read-only input untouched (it was copied)

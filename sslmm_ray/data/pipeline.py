@@ -13,7 +13,7 @@ already know (the manifest) that costs seconds per epoch, more than reading the 
 packs a small split into one task with no streaming. V1 plans once and reads each shard in
 its own task; ``override_num_blocks`` stops it from cutting files into hundreds of tiny blocks.
 
-Integrity (``data.verify_checksums``, off by default: it costs 23-32% of streaming throughput,
+Integrity (``data.verify_checksums``, off by default: it costs 23-52% of streaming throughput,
 docs/DATA.md): each read task reads its shard's bytes (``read_binary_files``), checks them
 against the manifest's XXH3 (or SHA-256) and parses the Parquet from memory in the same task
 (:func:`sslmm_ray.data.store.read_verified`), so a corrupt shard fails the epoch with one line
@@ -60,39 +60,71 @@ DECODE_BATCH_ROWS: int | None = None
 VALID_SEED_OFFSET = 7919
 
 
-def _decode(
-    table: pa.Table,
-    modalities: dict[str, ModalitySpec],
-    spec: protocols.ProtocolSpec | None,
-    norm: Normalizer | None = None,
-) -> dict[str, np.ndarray]:
-    """Decode (and normalise); apply the protocols too unless ``spec`` is None (a cache)."""
-    decoded = decode_table(table, modalities, norm)
-    return decoded if spec is None else protocols.apply(decoded, spec)
+class DecodeArgs:
+    """What a decode task needs, passed as one ``fn_kwargs`` value with a short ``str()``.
+
+    Why not plain keyword arguments: Ray Data (2.60) turns every operator argument into text
+    at each execution (``create_topology_metadata`` -> ``sanitize_for_struct``), and numpy
+    formats a 768-value normalisation mean digit by digit: 0.10-0.13 s of driver CPU per epoch
+    for the MOSI statistics, measured with cProfile, on a path that streams a 642-row epoch in
+    ~0.6 s. This object is neither a dataclass nor a mapping, so it is shown as its repr.
+    """
+
+    __slots__ = ("checksums", "modalities", "norm", "spec")
+
+    def __init__(
+        self,
+        modalities: dict[str, ModalitySpec],
+        spec: protocols.ProtocolSpec | None,
+        norm: Normalizer | None = None,
+        checksums: dict[str, tuple[ShardInfo, str]] | None = None,
+    ) -> None:
+        self.modalities = modalities
+        self.spec = spec
+        self.norm = norm
+        self.checksums = checksums or {}
+
+    def __repr__(self) -> str:
+        protocol = (
+            "none" if self.spec is None
+            else f"missing_rate={self.spec.missing_rate}, protocol={self.spec.protocol}"
+        )
+        return (
+            f"DecodeArgs({protocol}, normalize={self.norm is not None}, "
+            f"verify={bool(self.checksums)})"
+        )
 
 
-def _protocols(batch: dict[str, np.ndarray], spec: protocols.ProtocolSpec) -> dict[str, Any]:
-    return protocols.apply(batch, spec)
+def decode_batch(table: pa.Table, args: DecodeArgs) -> dict[str, np.ndarray]:
+    """One Parquet table (a shard) -> the model batch: decode, normalise, apply protocols.
+
+    Without a protocol (``spec`` None) the decoded rows themselves: what a cache keeps."""
+    decoded = decode_table(table, args.modalities, args.norm)
+    if args.spec is None:
+        return decoded
+    # Normalised features are fresh arrays (unnormalised ones are read-only Arrow views):
+    # the protocols may zero hidden frames in them instead of copying.
+    return protocols.apply(decoded, args.spec, inplace=args.norm is not None)
 
 
-def _verify_decode(
-    files: pa.Table,
-    checksums: dict[str, tuple[ShardInfo, str]],
-    modalities: dict[str, ModalitySpec],
-    spec: protocols.ProtocolSpec | None,
-    norm: Normalizer | None = None,
-) -> dict[str, np.ndarray]:
+def _protocols(batch: dict[str, np.ndarray], args: DecodeArgs) -> dict[str, Any]:
+    """A cached block's rows -> the model batch (the cache's arrays are read-only: copies)."""
+    assert args.spec is not None
+    return protocols.apply(batch, args.spec)
+
+
+def _verify_decode(files: pa.Table, args: DecodeArgs) -> dict[str, np.ndarray]:
     """Whole shard files (``bytes``, ``path``) -> checked, parsed, decoded model batches."""
     tables = []
     for payload, path in zip(
         files.column("bytes").to_pylist(), files.column("path").to_pylist(), strict=True
     ):
-        shard, where = checksums[path]
+        shard, where = args.checksums[path]
         table = read_verified(payload, where, shard)
-        check_feature_columns(table.schema, modalities, where)  # an error names the shard
+        check_feature_columns(table.schema, args.modalities, where)  # an error names the shard
         tables.append(table)
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-    return _decode(table, modalities, spec, norm)
+    return decode_batch(table, args)
 
 
 # How a DataError raised in a Ray task appears in the driver's wrapped error text.
@@ -157,7 +189,6 @@ def split_dataset(
     shuffle = None
     if shuffle_seed is not None:
         shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    kwargs = {"modalities": manifest.modalities, "spec": spec, "norm": norm}
     if verify:
         by_path = {s.path: s for s in manifest.shards}
         checksums = {
@@ -177,14 +208,17 @@ def split_dataset(
             _verify_decode,
             batch_format="pyarrow",
             batch_size=DECODE_BATCH_ROWS,
-            fn_kwargs={"checksums": checksums, **kwargs},
+            fn_kwargs={"args": DecodeArgs(manifest.modalities, spec, norm, checksums)},
         )
     with _parquet_v1():
         ds = ray.data.read_parquet(
             paths, filesystem=fs, shuffle=shuffle, override_num_blocks=len(paths)
         )
     return ds.map_batches(
-        _decode, batch_format="pyarrow", batch_size=DECODE_BATCH_ROWS, fn_kwargs=kwargs
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=DECODE_BATCH_ROWS,
+        fn_kwargs={"args": DecodeArgs(manifest.modalities, spec, norm)},
     )
 
 
@@ -298,7 +332,7 @@ class SplitCache:
             )
         return ds.map_batches(
             _protocols, batch_format="numpy", batch_size=DECODE_BATCH_ROWS,
-            fn_kwargs={"spec": spec},
+            fn_kwargs={"args": DecodeArgs({}, spec)},
         )
 
 

