@@ -612,7 +612,10 @@ def bench_model(
 
 @bench_app.command("data")
 def bench_data(
-    scale: Annotated[float, typer.Option(help="Synthetic mosi scale (0.5: 642 rows).")] = 0.5,
+    scale: Annotated[str, typer.Option(
+        help="Synthetic mosi scale (0.5: 642 rows); several, e.g. 1,10: the scaling benchmark "
+             "instead (scalable preset, ~200 KB rows: peak RSS of writer, driver and a "
+             "training worker, and rows/s, per scale, in fresh processes).")] = "0.5",
     epochs: Annotated[int, typer.Option(help="Rounds per source (the first is warm-up).")] = 5,
     shard_rows: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 128,
     prefetch_batches: Annotated[int, typer.Option(help="iter_torch_batches prefetch.")] = 4,
@@ -628,11 +631,22 @@ def bench_data(
     raw GET throughput."""
     from sslmm_ray.bench import data
 
+    try:
+        scales = tuple(float(v) for v in scale.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--scale {scale!r}: give a number or a comma-separated list") from None
+    if not scales or min(scales) <= 0:
+        raise UserError(f"--scale {scale!r}: scales must be positive")
+    if len(scales) > 1:
+        from sslmm_ray.bench import scale as scale_bench
+
+        _bench("data --scale", scale_bench.run(scales=scales, epochs=min(epochs, 3)), as_json)
+        return
     servers = tuple(s.strip() for s in s3_servers.split(",") if s.strip())
     try:
         result = data.run(
-            scale=scale, epochs=epochs, shard_rows=shard_rows, prefetch_batches=prefetch_batches,
-            step_ms=step_ms, s3_servers=servers,
+            scale=scales[0], epochs=epochs, shard_rows=shard_rows,
+            prefetch_batches=prefetch_batches, step_ms=step_ms, s3_servers=servers,
         )
     except ValueError as err:  # an unknown server name or a bad count: the user's to fix
         raise UserError(str(err)) from None
