@@ -74,7 +74,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     rates = []
     for _ in range(config["epochs"]):
         started = time.perf_counter()
-        rows = _consume(
+        rows, _ = _consume(
             shard.iter_torch_batches(
                 batch_size=config["batch_size"], prefetch_batches=config["prefetch_batches"]
             ),
