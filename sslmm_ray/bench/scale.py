@@ -6,11 +6,14 @@ processes so that every peak is its own:
 * **writer**: ``sslmm data synth --preset scalable --scale S`` in a child; its peak RSS.
 * **driver** and **training worker**: a child opens the store and runs a ``TorchTrainer`` with
   one worker that streams the training split (the default path: no cache) into a trivial
-  consumer for a few epochs; the worker reports its peak RSS and rows/s (median of the epochs
-  after the first), the child its own peak RSS.
+  consumer for a few epochs; the worker reports its peak private memory (sampled every batch),
+  its peak RSS and rows/s (median of the epochs after the first), the child its own peak RSS.
 
 The result gives each figure per scale and the ratios largest / smallest scale: peaks within
-1.3x and rows/s within 0.8x mean that nothing holds the data set in memory.
+1.3x and rows/s within 0.8x mean that nothing holds the data set in memory. The worker's RSS
+also counts the pages of Ray's shared object store that it has read (see :func:`_anon_mb`),
+which grow with the blocks read up to the store's fixed size: its private memory is the
+figure that says whether the worker itself holds the data.
 """
 
 from __future__ import annotations
@@ -48,6 +51,20 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _anon_mb() -> float:
+    """This process's private resident memory (Linux ``RssAnon``).
+
+    A Ray worker maps the object store's shared memory, and every page of it that it reads
+    counts in its RSS, so its RSS grows with the number of distinct blocks read even though
+    the object store's size is fixed; the private part is what the process itself holds.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _child(args: list[str], timeout: float) -> str:
     done = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout,
@@ -71,19 +88,27 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from sslmm_ray.bench.data import _consume
 
     shard = ray.train.get_dataset_shard("train")
-    rates = []
+    rates, peak_anon = [], _anon_mb()
+
+    def sampled(batches):
+        nonlocal peak_anon
+        for batch in batches:
+            peak_anon = max(peak_anon, _anon_mb())
+            yield batch
+
     for _ in range(config["epochs"]):
         started = time.perf_counter()
         rows, _ = _consume(
-            shard.iter_torch_batches(
+            sampled(shard.iter_torch_batches(
                 batch_size=config["batch_size"], prefetch_batches=config["prefetch_batches"]
-            ),
+            )),
             0.0,
         )
         rates.append(rows / (time.perf_counter() - started))
     # A file, not ray.train.report: Train V2 keeps only metrics that come with a checkpoint.
     Path(config["out"]).write_text(json.dumps({
         "rows_per_s": statistics.median(rates[1:] or rates), "peak_rss_mb": _peak_mb(),
+        "peak_private_mb": peak_anon,
     }))
 
 
@@ -116,6 +141,7 @@ def stream(uri: str, epochs: int, batch_size: int = 64) -> dict[str, Any]:
         "train_rows": manifest.counts["train"],
         "rows_per_s": round(metrics["rows_per_s"], 1),
         "worker_peak_rss_mb": round(metrics["peak_rss_mb"], 1),
+        "worker_peak_private_mb": round(metrics["peak_private_mb"], 1),
         "driver_peak_rss_mb": round(_peak_mb(), 1),
     }
 
@@ -141,15 +167,15 @@ def run(
     small, large = per_scale[f"{min(scales):g}"], per_scale[f"{max(scales):g}"]
     ratios = {
         key: round(large[key] / small[key], 3)
-        for key in ("writer_peak_rss_mb", "driver_peak_rss_mb", "worker_peak_rss_mb",
-                    "rows_per_s", "train_rows")
+        for key in ("writer_peak_rss_mb", "driver_peak_rss_mb", "worker_peak_private_mb",
+                    "worker_peak_rss_mb", "rows_per_s", "train_rows")
     }
     return {
         "preset": "scalable",
         "epochs": epochs,
         "scales": per_scale,
         "ratio_largest_to_smallest": ratios,
-        "goal": "peak RSS ratios <= 1.3 and rows_per_s ratio >= 0.8",
+        "goal": "writer, driver and worker private peaks <= 1.3x, rows_per_s ratio >= 0.8",
     }
 
 
