@@ -96,12 +96,12 @@ def _run_case(case: dict[str, Any], mode: str, dims, lengths, rank: int, world: 
     opt = torch.optim.AdamW(model.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
     rec: dict[str, Any] = {"wrapper": type(model).__name__, "stats": [], "grads": [],
                            "grad_max": {}}
-    started = None
+    started = cpu_started = None
     for step, item in enumerate(items):
         if step == warmup:
             if dist.is_initialized():
                 dist.barrier()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
         batch = item["batch"]
         per = len(batch["index"]) // world
         rows = slice(rank * per, (rank + 1) * per)
@@ -123,10 +123,14 @@ def _run_case(case: dict[str, Any], mode: str, dims, lengths, rank: int, world: 
         for k, g in grads.items():
             if g is not None:
                 rec["grad_max"][k] = max(rec["grad_max"].get(k, 0.0), float(g.abs().max()))
+    cpu = time.process_time() - cpu_started if cpu_started is not None else float("nan")
     if dist.is_initialized():
         dist.barrier()
     seconds = time.perf_counter() - started if started is not None else float("nan")
     rec["steps_per_s"] = (len(items) - warmup) / seconds
+    # CPU seconds of this worker process per step: what the step costs, less sensitive than
+    # wall time to other processes on a shared machine (it excludes waiting for peers)
+    rec["cpu_ms_per_step"] = 1000.0 * cpu / max(len(items) - warmup, 1)
     rec["params"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return rec
 
@@ -198,7 +202,7 @@ def dead_parameters(grad_max: Mapping[str, float], names: Sequence[str],
     return frozenset(k for k in names if k in grad_max and grad_max[k] < threshold)
 
 
-def ddp_figures(*, steps: int = 12, warmup: int = 2, rounds: int = 3, batch_size: int = 32,
+def ddp_figures(*, steps: int = 12, warmup: int = 2, rounds: int = 5, batch_size: int = 32,
                 seed: int = 0) -> dict[str, Any]:
     """1 vs 2 workers after ``steps`` AdamW steps, and 2-worker steps/s per gradient sync.
 
@@ -226,7 +230,10 @@ def ddp_figures(*, steps: int = 12, warmup: int = 2, rounds: int = 3, batch_size
     live_diff, live_name = param_difference(one["params"], two["params"], skip=dead)
     dead_diff, _ = param_difference(one["params"], two["params"],
                                     skip=frozenset(one["params"]) - dead)
-    rates = {m: statistics.median(r["steps_per_s"] for r in result["timed"][m]) for m in modes}
+    per_round = {m: [r["steps_per_s"] for r in result["timed"][m]] for m in modes}
+    rates = {m: statistics.median(v) for m, v in per_round.items()}
+    cpu = {m: statistics.median(r["cpu_ms_per_step"] for r in result["timed"][m])
+           for m in modes}
     return {
         "steps": steps,
         "global_batch": batch_size,
@@ -235,9 +242,15 @@ def ddp_figures(*, steps: int = 12, warmup: int = 2, rounds: int = 3, batch_size
         "param_max_abs_diff_zero_gradient_params": dead_diff,
         "zero_gradient_params": sorted(dead),
         "wrapper_2_workers": two["wrapper"],
-        "steps_per_s_2_workers": rates,
+        "steps_per_s_2_workers": rates,  # median over the rounds
+        "steps_per_s_2_workers_per_round": per_round,
         "ratio_ddp_vs_allreduce": rates["ddp"] / rates["allreduce"],
         "ratio_zero_weight_vs_find_unused": rates["ddp_zero_weight"] / rates["ddp"],
+        "cpu_ms_per_step_rank0": cpu,  # median over the rounds
+        "cpu_ms_per_step_rank0_per_round": {
+            m: [r["cpu_ms_per_step"] for r in result["timed"][m]] for m in modes},
+        "cpu_ratio_ddp_vs_allreduce": cpu["ddp"] / cpu["allreduce"],
+        "cpu_ratio_zero_weight_vs_find_unused": cpu["ddp_zero_weight"] / cpu["ddp"],
     }
 
 
