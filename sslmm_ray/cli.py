@@ -273,6 +273,16 @@ def _normalization_line(summary: dict[str, Any] | None) -> str:
 
 Workers = Annotated[int | None, typer.Option(help="Ray Train workers (DDP).")]
 Gpus = Annotated[bool | None, typer.Option("--gpus/--no-gpus", help="One GPU per worker (nccl).")]
+
+
+class PrecisionChoice(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+Precision = Annotated[PrecisionChoice | None, typer.Option(
+    help="Forward and loss arithmetic: fp32, or bf16 autocast (for GPUs with bf16; runs on "
+         "CPU too).")]
 Epochs = Annotated[int | None, typer.Option(help="Training epochs.")]
 MaxFailures = Annotated[int | None, typer.Option(
     help="Restarts of a failed worker group from its latest checkpoint (default 0; "
@@ -295,6 +305,7 @@ def pretrain(
     protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
     workers: Workers = None,
     gpus: Gpus = None,
+    precision: Precision = None,
     epochs: Epochs = None,
     max_failures: MaxFailures = None,
     seed: Seed = None,
@@ -312,6 +323,7 @@ def pretrain(
         config, overrides,
         data={"uri": data, "s3_endpoint": s3_endpoint},
         pretrain={"workers": workers, "gpus": gpus, "epochs": epochs,
+                  "precision": precision.value if precision else None,
                   "max_failures": max_failures, "seed": seed, "missing_rate": missing_rate,
                   "protocol": protocol.value if protocol else None},
     )
@@ -343,6 +355,7 @@ def finetune(
     fusion: Annotated[str | None, typer.Option(help="graph | early (MLP baseline).")] = None,
     workers: Workers = None,
     gpus: Gpus = None,
+    precision: Precision = None,
     epochs: Epochs = None,
     max_failures: MaxFailures = None,
     seed: Seed = None,
@@ -365,7 +378,8 @@ def finetune(
             "protocol": protocol.value if protocol else None, "pretrained": pretrained,
             "tau": tau, "lambda_rec": lambda_rec, "pseudo_labels": pseudo_labels,
             "reconstruction": reconstruction, "workers": workers, "gpus": gpus,
-            "epochs": epochs, "max_failures": max_failures, "seed": seed,
+            "precision": precision.value if precision else None, "epochs": epochs,
+            "max_failures": max_failures, "seed": seed,
         },
     )
     result = run_stage("finetune", cfg, run_dir, allow_config_change=allow_config_change,
@@ -505,6 +519,10 @@ def tune(
     concurrency: Annotated[int | None, typer.Option(help="Trials running at once.")] = None,
     workers_per_trial: Annotated[int | None, typer.Option(
         help="Ray Train workers of each trial.")] = None,
+    gpus: Annotated[bool | None, typer.Option(
+        "--gpus/--no-gpus", help="One GPU per trial worker (nccl); the cluster needs "
+        "concurrency x workers-per-trial GPUs.")] = None,
+    precision: Precision = None,
     pretrained: Annotated[str | None, typer.Option(
         help="Pre-training checkpoint or run dir; may contain {missing_rate}.")] = None,
     epochs: Epochs = None,
@@ -528,7 +546,8 @@ def tune(
         config, overrides,
         data={"uri": data, "s3_endpoint": s3_endpoint},
         finetune={"protocol": protocol.value if protocol else None, "pretrained": pretrained,
-                  "epochs": epochs},
+                  "epochs": epochs, "gpus": gpus,
+                  "precision": precision.value if precision else None},
         tune={
             "label_ratios": _float_list(label_ratios, "--label-ratios") if label_ratios else None,
             "missing_rates": (_float_list(missing_rates, "--missing-rates")
@@ -699,12 +718,20 @@ def bench_train(
     s3_uri: Annotated[str | None, typer.Option(
         help="s3://bucket/prefix to stream from (endpoint and credentials from the "
              "environment); default: a moto server on 127.0.0.1.")] = None,
+    throughput: Annotated[bool, typer.Option(
+        "--throughput/--no-throughput",
+        help="Epoch throughput: plain loop, Ray 1 worker (S3, cached), 2 workers.")] = True,
+    ddp: Annotated[bool, typer.Option(
+        "--ddp/--no-ddp", help="1 vs 2 workers after --ddp-steps AdamW steps; 2-worker steps/s "
+        "under DDP, DDP with zero-weight terms and the former flat all-reduce.")] = True,
+    ddp_steps: Annotated[int, typer.Option(help="Steps of the DDP comparison.")] = 12,
     as_json: JsonFlag = False,
 ) -> None:
-    """Epoch throughput: Ray Train streaming from S3 vs a plain PyTorch loop in memory."""
+    """Epoch throughput (Ray Train streaming from S3 vs a plain PyTorch loop) and DDP."""
     from sslmm_ray.bench import train
 
-    _bench("train", train.run(scale=scale, epochs=epochs, s3_uri=s3_uri), as_json)
+    _bench("train", train.run(scale=scale, epochs=epochs, s3_uri=s3_uri, throughput=throughput,
+                              ddp=ddp, ddp_steps=ddp_steps), as_json)
 
 
 class BenchDataset(str, Enum):

@@ -124,6 +124,10 @@ class TrainingConfig:
     workers: PosInt = 1
     cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     gpus: bool = False
+    # bf16: the forward and the loss run under torch.autocast (bfloat16; on CPU too), the
+    # backward, optimizer, EMA teacher and validation in float32. No loss scaling is needed
+    # (bfloat16 has float32's exponent range). For GPUs with bf16 tensor cores.
+    precision: Literal["fp32", "bf16"] = "fp32"
     max_failures: MaxFailures = 0
     patience: Annotated[int, Field(ge=0)] = 0
     seed: Seed = 0
@@ -342,12 +346,15 @@ def replace(cfg: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentC
 
 #: Settings that may differ when a run resumes: where and how it runs, not what it learns.
 #: ``epochs`` may grow (extend a finished run) but not shrink below the run's checkpoints;
-#: ``workers`` may change because ``batch_size`` is global (split across workers), so a
-#: resumed run on fewer or more (spot) nodes optimises the same objective.
+#: ``workers`` may change because ``batch_size`` is global (split across workers) and the loss
+#: terms are normalised over the global batch, so a resumed run on fewer or more (spot) nodes
+#: optimises the same objective; ``gpus`` and ``precision`` change where and in which
+#: arithmetic the same objective is computed.
 RESUMABLE = {
     "data": frozenset({"s3_endpoint", "read_parallelism", "cache_mb", "prefetch_batches"}),
     "model": frozenset({"backend"}),
-    "stage": frozenset({"epochs", "workers", "cpus_per_worker", "gpus", "max_failures"}),
+    "stage": frozenset({"epochs", "workers", "cpus_per_worker", "gpus", "precision",
+                        "max_failures"}),
 }
 
 

@@ -116,6 +116,19 @@ def test_plan_that_cannot_fit_fails_before_anything_runs(ray_cluster, tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_tune_gpus_are_the_trial_workers_gpus(ray_cluster, tmp_path):
+    """``sslmm tune --gpus`` (and ``jobs/sweep.py``, which forwards tune's options) asks one GPU
+    per trial worker: on this CPU-only cluster the plan is refused before anything runs."""
+    result = runner.invoke(app, [
+        "tune", "--data", str(tmp_path / "no-such-data"), "--storage", str(tmp_path / "sweep"),
+        "--concurrency", "2", "--workers-per-trial", "1", "--label-ratios", "0.5",
+        "--missing-rates", "0.0", "--gpus", "--precision", "bf16",
+    ])
+    assert isinstance(result.exception, ValueError), result.output
+    assert "needs 2 GPUs but the cluster has 0" in str(result.exception)
+    assert not (tmp_path / "sweep").exists()
+
+
 # --------------------------------------------------------------------------- end to end
 
 

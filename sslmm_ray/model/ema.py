@@ -9,8 +9,12 @@ from torch import nn
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
-    """A frozen copy of ``student`` in eval mode (no dropout in the views it scores)."""
-    teacher = copy.deepcopy(student)
+    """A frozen copy of ``student`` in eval mode (no dropout in the views it scores).
+
+    A DDP-wrapped student is unwrapped: the teacher is a plain module, never synchronised
+    (each rank updates it from the same student weights, so it stays identical everywhere).
+    """
+    teacher = copy.deepcopy(getattr(student, "module", student))
     teacher.requires_grad_(False)
     return teacher.eval()
 

@@ -6,7 +6,7 @@ comparison between them isolates the graph (propagation + imputation of missing 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -35,12 +35,24 @@ def resolve_backend(requested: str, num_nodes: int, num_edges: int) -> str:
     return "dense" if num_nodes <= DENSE_MAX_NODES or density >= DENSE_MIN_DENSITY else "sparse"
 
 
+#: What a forward can compute on top of the node states: the sentiment score (readout, fusion,
+#: head), the reconstructions (decoders) and the contrastive projections (projector). The
+#: objectives ask for the ones their loss reads: under DDP every parameter that produced a
+#: returned tensor must receive a gradient, so nothing the loss ignores may be returned (and
+#: the unread parts are not computed at all). Inference asks for everything (the default).
+OUTPUTS = frozenset({"pred", "recon", "projected"})
+
+
 @dataclass
 class SSLMMOutput:
-    """What one forward pass returns; dict keys are modality names."""
+    """What one forward pass returns; dict keys are modality names.
 
-    pred: Tensor  # (B,) sentiment score
-    fused: Tensor  # (B, H) fused representation
+    ``pred``, ``fused`` and ``pooled`` are None / empty unless "pred" was asked for, ``recon``
+    unless "recon" was, ``projected`` unless "projected" was (``OUTPUTS``).
+    """
+
+    pred: Tensor | None  # (B,) sentiment score
+    fused: Tensor | None  # (B, H) fused representation
     pooled: dict[str, Tensor]  # (B, H) per-modality readout
     targets: dict[str, Tensor]  # (B, K_m, d_m) segment-pooled input features
     segment_valid: dict[str, Tensor]  # (B, K_m) segment observed in the input
@@ -159,31 +171,41 @@ class SSLMM(_Base):
         self.decoders = make_decoders(h, self.dims)
 
     def forward(
-        self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None = None
+        self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None = None,
+        outputs: Collection[str] = OUTPUTS,
     ) -> SSLMMOutput:
-        """``hide[m]`` (B, K_m) withholds segments (masked views); see ModalityEncoder."""
+        """``hide[m]`` (B, K_m) withholds segments (masked views); see ModalityEncoder.
+
+        ``outputs`` (a subset of ``OUTPUTS``) names what to compute and return.
+        """
+        _check_outputs(outputs)
         nodes, node_valid, segment_valid, targets, present = self.encode(batch, hide)
-        projected = self.project(self.own_readouts(nodes, node_valid))
+        projected = (self.project(self.own_readouts(nodes, node_valid))
+                     if "projected" in outputs else {})
         x = torch.cat([nodes[m] for m in self.modalities], dim=1)  # (B, N, H)
         src_valid = torch.cat([node_valid[m] for m in self.modalities], dim=1)
         x = self.propagation(x, src_valid, self.backend)
         parts = dict(zip(self.modalities,
                          x.split([self.segments[m] for m in self.modalities], dim=1), strict=True))
 
-        pooled = {}
-        for i, m in enumerate(self.modalities):
-            # Attention pooling over observed nodes; a missing modality pools its imputed nodes.
-            allowed = node_valid[m] | ~present[:, i : i + 1]
-            score = self.gates[m](parts[m]).squeeze(-1).masked_fill(~allowed, float("-inf"))
-            pooled[m] = self.ordered(
-                m, torch.einsum("bk,bkh->bh", score.softmax(dim=1), parts[m]), parts[m]
-            )
-        stacked = torch.stack([pooled[m] for m in self.modalities], dim=1)  # (B, M, H)
-        stacked = stacked + self.presence(present.long())
-        fused = self.fusion_norm(self.fusion(stacked.flatten(1)))
-        recon = {m: self.decoders[m](parts[m]) for m in self.modalities}
+        pooled, fused, pred = {}, None, None
+        if "pred" in outputs:
+            for i, m in enumerate(self.modalities):
+                # Attention pooling over observed nodes; a missing modality pools its imputed
+                # nodes.
+                allowed = node_valid[m] | ~present[:, i : i + 1]
+                score = self.gates[m](parts[m]).squeeze(-1).masked_fill(~allowed, float("-inf"))
+                pooled[m] = self.ordered(
+                    m, torch.einsum("bk,bkh->bh", score.softmax(dim=1), parts[m]), parts[m]
+                )
+            stacked = torch.stack([pooled[m] for m in self.modalities], dim=1)  # (B, M, H)
+            stacked = stacked + self.presence(present.long())
+            fused = self.fusion_norm(self.fusion(stacked.flatten(1)))
+            pred = self.head(fused).squeeze(-1)
+        recon = ({m: self.decoders[m](parts[m]) for m in self.modalities}
+                 if "recon" in outputs else {})
         return SSLMMOutput(
-            pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
+            pred=pred, fused=fused, pooled=pooled, targets=targets,
             projected=projected, segment_valid=segment_valid, node_valid=node_valid,
             present=present, recon=recon, nodes=parts,
         )
@@ -210,21 +232,34 @@ class EarlyFusion(_Base):
         self.decoders = make_decoders(h, self.dims)
 
     def forward(
-        self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None = None
+        self, batch: Mapping[str, Tensor], hide: Mapping[str, Tensor] | None = None,
+        outputs: Collection[str] = OUTPUTS,
     ) -> SSLMMOutput:
+        _check_outputs(outputs)
         nodes, node_valid, segment_valid, targets, present = self.encode(batch, hide)
         own = self.own_readouts(nodes, node_valid)
-        pooled = {m: self.ordered(m, own[m], nodes[m]) for m in self.modalities}
-        flat = torch.cat([*(pooled[m] for m in self.modalities), present.to(nodes[
-            self.modalities[0]].dtype)], dim=1)
-        fused = self.mlp(flat)
-        recon = {m: self.decoders[m](fused.unsqueeze(1) + self.segment_queries[m])
-                 for m in self.modalities}
+        pooled, fused, pred, recon = {}, None, None, {}
+        if "pred" in outputs or "recon" in outputs:  # the decoders read the fused vector too
+            pooled = {m: self.ordered(m, own[m], nodes[m]) for m in self.modalities}
+            flat = torch.cat([*(pooled[m] for m in self.modalities), present.to(nodes[
+                self.modalities[0]].dtype)], dim=1)
+            fused = self.mlp(flat)
+        if "pred" in outputs:
+            pred = self.head(fused).squeeze(-1)
+        if "recon" in outputs:
+            recon = {m: self.decoders[m](fused.unsqueeze(1) + self.segment_queries[m])
+                     for m in self.modalities}
         return SSLMMOutput(
-            pred=self.head(fused).squeeze(-1), fused=fused, pooled=pooled, targets=targets,
-            projected=self.project(own), segment_valid=segment_valid, node_valid=node_valid,
-            present=present, recon=recon,
+            pred=pred, fused=fused, pooled=pooled, targets=targets,
+            projected=self.project(own) if "projected" in outputs else {},
+            segment_valid=segment_valid, node_valid=node_valid, present=present, recon=recon,
         )
+
+
+def _check_outputs(outputs: Collection[str]) -> None:
+    unknown = set(outputs) - OUTPUTS
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; choose among {sorted(OUTPUTS)}")
 
 
 def make_decoders(hidden: int, dims: Mapping[str, int]) -> nn.ModuleDict:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MODALITIES, FinetuneConfig, PretrainConfig
+from ..train import distributed
 
 Batch = Mapping[str, Tensor]
 
@@ -63,14 +64,18 @@ def drop_modalities(
     Returns a shallow copy of the batch whose dropped modalities have empty masks and zeroed
     features, and the (B, M) bool mask of what was dropped (always a subset of ``presence``).
     """
-    mods = _modalities(batch)
     dropped = _drop_keep_one(presence(batch), prob, generator)
+    return _drop(batch, dropped), dropped
+
+
+def _drop(batch: Batch, dropped: Tensor) -> dict[str, Tensor]:
+    """A shallow copy of ``batch`` with the (B, M) ``dropped`` modalities removed."""
     out = dict(batch)
-    for i, m in enumerate(mods):
+    for i, m in enumerate(_modalities(batch)):
         keep = ~dropped[:, i]
         out[f"{m}_mask"] = batch[f"{m}_mask"] & keep.unsqueeze(1)
         out[m] = batch[m].masked_fill(~keep.view(-1, 1, 1), 0.0)
-    return out, dropped
+    return out
 
 
 def random_hide(
@@ -93,72 +98,97 @@ def random_hide(
 
 def _masked_mse(recon: Tensor, target: Tensor, select: Tensor) -> tuple[Tensor, Tensor]:
     """Sum of per-segment MSE over selected segments, and their count (graph kept when empty)."""
-    err = (recon - target).pow(2).mean(dim=-1)
+    err = (recon.float() - target.float()).pow(2).mean(dim=-1)
     return (err * select).sum(), select.sum()
 
 
-def _reconstruction(out, targets: Mapping[str, Tensor], select: Mapping[str, Tensor]) -> Tensor:
-    """Mean over modalities (those with a selected segment) of the mean segment MSE."""
-    total, used = None, 0
-    for m, recon in out.recon.items():
-        err, count = _masked_mse(recon, targets[m], select[m])
-        term = err / count.clamp(min=1)
-        total = term if total is None else total + term
-        used += int(count > 0)
-    if total is None:
-        return out.pred.sum() * 0.0
-    return total / max(used, 1)
+def _reconstruction(
+    recon: Mapping[str, Tensor], targets: Mapping[str, Tensor], select: Mapping[str, Tensor],
+    counts: Tensor, world: int,
+) -> Tensor:
+    """Mean over modalities (those with a selected segment) of the mean segment MSE.
+
+    ``counts`` (M,) holds the selected segments per modality over the global batch (all
+    ranks): this rank's sums are divided by them and scaled by ``world``, so that DDP's
+    average of the ranks' gradients is the gradient of the global-batch term.
+    """
+    total = next(iter(recon.values())).new_zeros(())
+    used = 0
+    for i, (m, rec) in enumerate(recon.items()):
+        err, _ = _masked_mse(rec, targets[m], select[m])
+        total = total + err / counts[i].clamp(min=1)
+        used += int(counts[i] > 0)
+    return total * world / max(used, 1)
 
 
 def contrastive(model: nn.Module, out, temperature: float) -> Tensor:
     """Symmetric InfoNCE between modality readouts of the same sample, per modality pair.
 
-    Positives: the two modalities of one row; negatives: the other rows' readouts. Only rows
-    where both modalities are visible take part, and pairs with fewer than two such rows are
-    skipped (no negative). Readouts go through the shared projector and are L2-normalised.
+    Positives: the two modalities of one row; negatives: the other rows' readouts, on every
+    rank: the projections of all ranks are gathered (with their gradients,
+    :func:`~sslmm_ray.train.distributed.gather_rows`), each rank scores its own rows as
+    anchors against all of them and divides its sum by the global row count times the world
+    size, so that DDP's gradient average is the gradient of the global-batch InfoNCE and the
+    mean over ranks of the returned values is its value. Only rows where both modalities are
+    visible take part, and pairs with fewer than two such rows in the global batch are skipped
+    (no negative). Readouts go through the shared projector and are L2-normalised.
     """
-    mods = list(out.pooled)
-    z = {m: F.normalize(out.projected[m], dim=-1) for m in mods}
-    total, pairs = z[mods[0]].sum() * 0.0, 0
+    mods = list(out.projected)
+    z = torch.stack([F.normalize(out.projected[m].float(), dim=-1) for m in mods], dim=1)
+    # one gather for features and visibility: (B, M, H + 1) -> (N, M, H + 1) over the ranks
+    rows, mine = distributed.gather_rows(torch.cat([z, out.present.unsqueeze(-1).float()], -1))
+    world = distributed.world_size()
+    z_all, present = rows[..., :-1], rows[..., -1] > 0.5
+    total, pairs = rows.sum() * 0.0, 0  # keeps every projection in the graph
     for i in range(len(mods)):
         for j in range(i + 1, len(mods)):
-            rows = out.present[:, i] & out.present[:, j]
-            if int(rows.sum()) < 2:
+            both = present[:, i] & present[:, j]
+            n = int(both.sum())
+            if n < 2:
                 continue
-            logits = z[mods[i]][rows] @ z[mods[j]][rows].T / temperature
-            target = torch.arange(logits.size(0), device=logits.device)
-            total = total + 0.5 * (F.cross_entropy(logits, target)
-                                   + F.cross_entropy(logits.T, target))
+            zi, zj, anchors = z_all[both, i], z_all[both, j], mine[both]
+            target = anchors.nonzero().squeeze(1)  # an anchor's positive is its own row
+            logits = zi[anchors] @ zj.T / temperature
+            logits_t = zj[anchors] @ zi.T / temperature
+            ce = (F.cross_entropy(logits, target, reduction="sum")
+                  + F.cross_entropy(logits_t, target, reduction="sum"))
+            total = total + 0.5 * ce * world / n
             pairs += 1
     return total / max(pairs, 1)
 
 
 def pretrain_loss(
-    model: nn.Module, batch: Batch, cfg: PretrainConfig, generator: torch.Generator
+    model: nn.Module, batch: Batch, cfg: PretrainConfig, generator: torch.Generator,
+    hide: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Self-supervised loss: masked modality/segment reconstruction + cross-modal InfoNCE.
 
     One masked view per step: each present modality is hidden with ``mask_modality_prob``
-    (>= 1 kept) and each segment with ``mask_segment_prob``. Hidden nodes carry the missing
+    (>= 1 kept) and each segment with ``mask_segment_prob`` (``hide``, when given, replaces
+    the draw: tests compare worker counts on the same masks). Hidden nodes carry the missing
     embedding and only receive messages; the decoders must rebuild their segment features
     from the rest (loss on hidden, observed segments only, as in masked autoencoders).
     InfoNCE aligns the readouts of the modalities visible in the view. Labels are never read.
+    One forward computes the whole loss; the fusion and regression head are not run.
 
-    ``loss = recon_weight * L_rec + contrastive_weight * L_nce``
+    ``loss = recon_weight * L_rec + contrastive_weight * L_nce``, both normalised over the
+    global batch (all ranks; see :func:`finetune_loss`).
     """
     net = _unwrap(model)
     inputs = features(batch)
-    hide = random_hide(inputs, net.segments, cfg.mask_modality_prob, cfg.mask_segment_prob,
-                       generator)
-    out = model(inputs, hide=hide)
+    if hide is None:
+        hide = random_hide(inputs, net.segments, cfg.mask_modality_prob,
+                           cfg.mask_segment_prob, generator)
+    out = model(inputs, hide=hide, outputs=("recon", "projected"))
     select = {m: out.segment_valid[m] & hide[m] for m in out.recon}
-    rec = _reconstruction(out, out.targets, select)
+    counts = distributed.global_sum(torch.stack([s.sum() for s in select.values()]))
+    rec = _reconstruction(out.recon, out.targets, select, counts,
+                          distributed.world_size())
     nce = contrastive(model, out, cfg.temperature)
     loss = cfg.recon_weight * rec + cfg.contrastive_weight * nce
-    hidden = sum(int(s.sum()) for s in select.values())
     stats = {"loss": loss, "rec": rec, "nce": nce}
     stats = {k: float(v.detach()) for k, v in stats.items()}
-    return loss, {**stats, "hidden_segments": float(hidden)}
+    return loss, {**stats, "hidden_segments": float(counts.sum())}  # over the global batch
 
 
 def rampup(epoch: int, epochs: int) -> float:
@@ -207,7 +237,7 @@ def pseudo_labels(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            preds = teacher(inputs, hide=hide).pred.view(views, b)
+            preds = teacher(inputs, hide=hide, outputs=("pred",)).pred.float().view(views, b)
     finally:
         teacher.train(was_training)
     mu = preds.mean(dim=0)
@@ -227,6 +257,7 @@ def finetune_loss(
     epoch: int,
     generator: torch.Generator,
     label_scale: float = 1.0,
+    dropped: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Semi-supervised loss ``L_sup + w(epoch) * L_pseudo + lambda_rec * L_rec``.
 
@@ -239,64 +270,100 @@ def finetune_loss(
       rebuilt from the others. Zero when nothing was dropped. The supervised and pseudo-label
       terms read the batch as the data has it: computing them on the degraded view trains the
       regressor on more missingness than the test protocol has (measured: about 2 points of
-      Non0_acc_2 lost on synthetic mosi, 3 seeds).
+      Non0_acc_2 lost on synthetic mosi, 3 seeds). ``dropped`` (B, M), when given, replaces
+      the random draw of what to drop (tests compare worker counts on the same draws).
+
+    One student forward computes the whole loss: when the dropped view is needed, it is
+    concatenated to the batch along the batch dimension (2B rows; the network treats rows
+    independently: no batch statistics) and the outputs are split. The network is asked only
+    for what the loss reads (no reconstruction when nothing was dropped, never the contrastive
+    projector), so under DDP with ``find_unused_parameters`` a part nothing read gets no
+    gradient, as on one worker (``sslmm_ray.train.distributed``).
+
+    Every mean is over the global batch: the counts (labeled rows, unlabeled rows, selected
+    segments per modality) are summed over the ranks, and this rank's sums are divided by
+    them and multiplied by the world size, so that DDP's average of the ranks' gradients is
+    exactly the global-batch gradient (a rank without labeled rows adds nothing to the
+    supervised term instead of diluting it). With one worker this is the plain per-batch
+    mean. The returned stats are this rank's share times the world size: their mean over the
+    ranks is the global-batch value.
 
     Unlabeled rows' ``label`` values are replaced by 0 before any arithmetic, so they cannot
     reach a loss or a gradient.
     """
     net = _unwrap(student)
+    world = distributed.world_size()
     inputs = features(batch)
+    b = batch["labeled"].size(0)
     reconstruct = cfg.reconstruction and cfg.lambda_rec > 0 and bool(getattr(net, "decoders", {}))
-    out = student(inputs)
 
     labeled = batch["labeled"].bool()
-    target = torch.where(labeled, batch["label"].to(out.pred.dtype), torch.zeros_like(out.pred))
-    n_lab = labeled.sum().clamp(min=1)
-    sup = (_regression(out.pred, target, cfg.loss) * labeled).sum() / n_lab
-    loss = sup
-    stats = {"sup": float(sup.detach()), "labeled": float(labeled.sum())}
-
-    mu = conf = None
     unlabeled = (~labeled).nonzero().squeeze(1)
     use_pseudo = cfg.pseudo_labels and teacher is not None
+    mu = conf = None
     if use_pseudo and unlabeled.numel():
         sub = {k: v[unlabeled] for k, v in inputs.items()}
         mu, conf = pseudo_labels(teacher, sub, cfg.views, cfg.view_mask_prob,
                                  cfg.view_segment_prob, cfg.confidence_kappa, generator,
                                  label_scale)
 
-    # The second, purposely degraded view: reconstruction's input and, with
-    # pseudo_view="dropped", the student's side of the pseudo-label term.
+    # The purposely degraded view: reconstruction's input and, with pseudo_view="dropped",
+    # the student's side of the pseudo-label term.
     on_dropped = use_pseudo and cfg.pseudo_view == "dropped"
-    out_view = dropped = None
+    view = None
     if reconstruct or on_dropped:
-        view, dropped = drop_modalities(inputs, cfg.drop_prob, generator)
-        if dropped.any() or on_dropped:
-            out_view = student(view)
+        if dropped is None:
+            view, dropped = drop_modalities(inputs, cfg.drop_prob, generator)
+        else:
+            view = _drop(inputs, dropped)
+    read_recon = reconstruct and dropped is not None and bool(dropped.any())
+    two_views = on_dropped or read_recon
+    student_inputs = ({k: torch.cat([v, view[k]]) for k, v in inputs.items()}
+                      if two_views else inputs)
+    out = student(student_inputs, outputs=("pred", "recon") if read_recon else ("pred",))
+    pred = out.pred.float()
+    pred_data, pred_view = pred[:b], (pred[b:] if two_views else None)
+
+    select = None
+    if reconstruct:
+        assert dropped is not None
+        select = {m: out.segment_valid[m][:b] & dropped[:, i : i + 1]
+                  for i, m in enumerate(net.modalities)}
+    counts = distributed.global_sum(torch.stack([
+        labeled.sum(), unlabeled.new_tensor(unlabeled.numel()),
+        *([s.sum() for s in select.values()] if select is not None else []),
+    ]))
+
+    target = torch.where(labeled, batch["label"].to(pred.dtype), torch.zeros_like(pred_data))
+    sup = (_regression(pred_data, target, cfg.loss) * labeled).sum() * world / counts[0].clamp(
+        min=1)
+    loss = sup
+    stats = {"sup": float(sup.detach()), "labeled": float(counts[0])}  # global batch
 
     if use_pseudo:
         weight = cfg.unlabeled_weight * rampup(epoch, cfg.rampup_epochs)
         if mu is not None and conf is not None:
             keep = conf >= cfg.tau
-            student_pred = (out_view if on_dropped else out).pred[unlabeled]
-            pseudo = (_regression(student_pred, mu, cfg.loss) * keep).sum() / keep.numel()
-            stats.update(pseudo_label_fraction=float(keep.float().mean()),
-                         confidence=float(conf.mean()))
+            student_pred = (pred_view if on_dropped else pred_data)[unlabeled]
+            pseudo = ((_regression(student_pred, mu.float(), cfg.loss) * keep).sum() * world
+                      / counts[1].clamp(min=1))
+            share = world / float(counts[1])  # of the global batch's unlabeled rows
+            stats.update(pseudo_label_fraction=float(keep.float().sum()) * share,
+                         confidence=float(conf.float().sum()) * share)
         else:
-            pseudo = out.pred.sum() * 0.0
+            pseudo = pred.new_zeros(())
             stats.update(pseudo_label_fraction=0.0, confidence=0.0)
         loss = loss + weight * pseudo
         stats.update(pseudo=float(pseudo.detach()), unlabeled_weight=weight)
 
     if reconstruct:
-        assert dropped is not None
-        if dropped.any() and out_view is not None:
-            targets, segment_valid = net.segment_targets(inputs)
-            select = {m: segment_valid[m] & dropped[:, i : i + 1]
-                      for i, m in enumerate(net.modalities)}
-            rec = _reconstruction(out_view, targets, select)
+        assert dropped is not None and select is not None
+        if read_recon:
+            recon = {m: r[b:] for m, r in out.recon.items()}
+            targets = {m: t[:b] for m, t in out.targets.items()}
+            rec = _reconstruction(recon, targets, select, counts[2:], world)
         else:
-            rec = out.pred.sum() * 0.0
+            rec = pred.new_zeros(())
         loss = loss + cfg.lambda_rec * rec
         stats.update(rec=float(rec.detach()), dropped=float(dropped.float().sum(dim=1).mean()))
 

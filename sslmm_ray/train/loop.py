@@ -5,6 +5,10 @@ and is judged by its validation loss; fine-tuning minimises the semi-supervised 
 EMA teacher and is judged by the validation headline metric. Each epoch ends with one
 ``ray.train.report`` carrying the metrics and a checkpoint (written by rank 0), so that Ray keeps
 the best and the latest and a restarted worker group resumes from the latest.
+
+With several workers the student is wrapped in DistributedDataParallel
+(:mod:`sslmm_ray.train.distributed`); checkpoints, the EMA teacher and validation always use
+the unwrapped network, so a checkpoint loads the same whatever the worker count.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from sslmm_ray import metrics as mmsa
 from sslmm_ray.config import ExperimentConfig, TrainingConfig, from_dict
@@ -63,7 +68,8 @@ def predict(model: torch.nn.Module, batches: Iterable[Batch], device: torch.devi
     preds, labels = [], []
     for batch in batches:
         keep = batch["labeled"].bool().cpu() if "labeled" in batch else None
-        pred, label = model(_to_device(batch, device)).pred.float().cpu(), batch["label"].float()
+        out = model(_to_device(batch, device), outputs=("pred",))
+        pred, label = out.pred.float().cpu(), batch["label"].float()
         preds.append(pred if keep is None else pred[keep])
         labels.append(label.cpu() if keep is None else label.cpu()[keep])
     model.train(was_training)
@@ -74,15 +80,18 @@ def predict(model: torch.nn.Module, batches: Iterable[Batch], device: torch.devi
 
 @torch.no_grad()
 def _pretrain_valid_loss(model, batches, cfg, device) -> float:
+    """Mean pre-training loss over validation batches (rank 0 alone: no collectives)."""
+    model = distributed.unwrap(model)
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     total, n = 0.0, 0
-    for batch in batches:
-        batch = _to_device(batch, device)
-        loss, _ = pretrain_loss(model, batch, cfg, gen)
-        b = len(batch["index"])
-        total += float(loss) * b
-        n += b
+    with distributed.local():
+        for batch in batches:
+            batch = _to_device(batch, device)
+            loss, _ = pretrain_loss(model, batch, cfg, gen)
+            b = len(batch["index"])
+            total += float(loss) * b
+            n += b
     model.train()
     return total / max(n, 1)
 
@@ -90,6 +99,64 @@ def _pretrain_valid_loss(model, batches, cfg, device) -> float:
 def ema_decay(target: float, step: int) -> float:
     """Mean Teacher's warm-up: average over the steps so far until ``target`` is reached."""
     return min(target, (1.0 + step) / (10.0 + step))
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward/loss context of a training step: bfloat16 autocast for ``bf16``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_step(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    stage: str,
+    cfg: ExperimentConfig,
+    epoch: int,
+    step: int,
+    generator: torch.Generator,
+    label_scale: float = 1.0,
+    hide: dict[str, Tensor] | None = None,
+    dropped: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """One optimizer step of a stage on this rank's ``batch``: one forward computing the whole
+    loss (under autocast with ``precision: bf16``), backward (DDP averages the gradients
+    across ranks), clipping, AdamW, then the EMA teacher. ``hide`` / ``dropped`` replace the
+    random masks (tests and benchmarks compare worker counts on the same draws)."""
+    scfg = stage_config(cfg, stage)
+    device = next(iter(batch.values())).device
+    with autocast(device, scfg.precision):
+        if stage == "pretrain":
+            loss, stats = pretrain_loss(model, batch, cfg.pretrain, generator, hide=hide)
+        else:
+            loss, stats = finetune_loss(model, teacher, batch, cfg.finetune, epoch, generator,
+                                        label_scale, dropped=dropped)
+        loss = loss + distributed.zero_weight_terms(model)  # 0.0 unless ddp_zero_weight
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    distributed.average_gradients(model)  # no-op unless the former "allreduce" mode
+    if scfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), scfg.grad_clip)
+    optimizer.step()
+    if teacher is not None:
+        ema_update(teacher, model, ema_decay(cfg.finetune.ema_decay, step))
+    return loss, stats
+
+
+def _mean_over_ranks(totals: dict[str, float], steps: int) -> dict[str, float]:
+    """Per-step means of the epoch's stats over every rank's steps (one all-reduce).
+
+    Each rank's loss terms are its share of the global batch times the world size, so this
+    mean is the global-batch value; with one worker it is the plain mean over steps.
+    """
+    keys = sorted(totals)
+    values = torch.tensor([*(totals[k] for k in keys), float(steps)], dtype=torch.float64)
+    if distributed.world_size() > 1:
+        device = ray.train.torch.get_device()
+        values = distributed.global_sum(values.to(device)).cpu()
+    return {k: float(v) / max(float(values[-1]), 1.0) for k, v in zip(keys, values[:-1],
+                                                                       strict=True)}
 
 
 def _broadcast(value: Any) -> Any:
@@ -142,7 +209,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     state: dict[str, Any] = {}
     if resume is not None:
         _, state = ckpt.load_ray_checkpoint(resume)
-        model.load_state_dict(state["student"])
+        distributed.unwrap(model).load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -152,7 +219,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step = int(state.get("step", 0))
         history = list(state.get("history", []))
 
-    # The EMA teacher starts as the (broadcast) student, or as it was saved.
+    # The EMA teacher starts as the (broadcast, unwrapped) student, or as it was saved.
     teacher = make_teacher(model) if stage == "finetune" else None
     if teacher is not None and state.get("teacher") is not None:
         teacher.load_state_dict(state["teacher"])
@@ -174,19 +241,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=scfg.seed + epoch if cfg.data.shuffle_buffer else None,
         ):
             batch = _to_device(batch, device)
-            if stage == "pretrain":
-                loss, stats = pretrain_loss(model, batch, cfg.pretrain, gen)
-            else:
-                loss, stats = finetune_loss(model, teacher, batch, cfg.finetune, epoch, gen,
-                                            label_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(model)
-            if scfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), scfg.grad_clip)
-            optimizer.step()
-            if teacher is not None:
-                ema_update(teacher, model, ema_decay(cfg.finetune.ema_decay, step))
+            loss, stats = train_step(model, teacher, optimizer, batch, stage, cfg, epoch, step,
+                                     gen, label_scale)
             step += 1
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
             for k, v in stats.items():
@@ -196,7 +252,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - started
         scheduler.step()
 
-        report: dict[str, Any] = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
+        means = _mean_over_ranks(totals, steps)
+        report: dict[str, Any] = {f"train_{k}": v for k, v in means.items()}
         report["epoch"] = epoch
         # throughput of this epoch's training pass (all workers; the slowest sets the pace)
         report["train_seconds"] = train_seconds
@@ -209,7 +266,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     model, valid_batches, cfg.pretrain, device
                 )
             else:
-                evaluated = teacher if teacher is not None else model
+                evaluated = teacher if teacher is not None else distributed.unwrap(model)
                 preds, labels = predict(evaluated, valid_batches, device)
                 for k, v in mmsa.compute_metrics(preds, labels, family).items():
                     report[f"valid_{k}"] = v
@@ -240,9 +297,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     normalize=cfg.data.normalize,
                 )
                 # "model" is what inference uses: the EMA teacher when there is one.
+                student = distributed.unwrap(model)  # no "module." prefix: loads anywhere
                 state = {
-                    "model": (teacher if teacher is not None else model).state_dict(),
-                    "student": model.state_dict(),
+                    "model": (teacher if teacher is not None else student).state_dict(),
+                    "student": student.state_dict(),
                     "teacher": teacher.state_dict() if teacher is not None else None,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),

@@ -48,7 +48,7 @@ class Predictor:
         arrays = store.decode_table(table, self.modalities, self.norm)
         batch = protocols.apply(arrays, self.spec)
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-        pred = self.model(tensors).pred.float().numpy()
+        pred = self.model(tensors, outputs=("pred",)).pred.float().numpy()
         out: dict[str, Any] = {
             "id": arrays["id"].astype(str),
             "split": np.asarray(table.column("split").to_pylist(), dtype=str),

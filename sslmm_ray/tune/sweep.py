@@ -118,11 +118,15 @@ def _check_same_sweep(cfg: ExperimentConfig, layout: Layout, options: StorageOpt
         storage.write_json(uri, current, options)
         return
     saved = storage.read_json(uri, options)
+    # A key the saved sweep lacks was added by a later version (e.g. ``precision``): that
+    # sweep ran with its default.
+    default = ExperimentConfig().to_dict()
     diffs = [
-        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        f"{section}.{key}: {was!r} -> {value!r}"
         for section, values in current.items()
         for key, value in values.items()
-        if (section, key) not in _MAY_CHANGE and saved.get(section, {}).get(key) != value
+        if (section, key) not in _MAY_CHANGE
+        and (was := saved.get(section, {}).get(key, default[section][key])) != value
     ]
     if diffs:
         raise UserError(
