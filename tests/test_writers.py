@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_store import _assert_same  # one definition of "stored = source"
 
 from sslmm_ray.config import FinetuneConfig
 from sslmm_ray.data import normalize, pipeline, store, synth
@@ -27,15 +28,6 @@ from sslmm_ray.data.sources import MODALITIES, SPLITS, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 4
-
-
-def _assert_same(decoded: dict, arrays: dict) -> None:
-    """Every source row stored once and unchanged, matched by id (the store permutes rows)."""
-    pos = {k: i for i, k in enumerate(decoded["id"].tolist())}
-    assert len(pos) == len(decoded["id"]) and set(pos) == set(arrays["id"].tolist())
-    order = np.array([pos[k] for k in arrays["id"].tolist()])
-    for k in ("label", *MODALITIES, *(f"{m}_len" for m in MODALITIES)):
-        np.testing.assert_array_equal(decoded[k][order], arrays[k], err_msg=k)
 
 
 @pytest.fixture(scope="module")
