@@ -276,12 +276,12 @@ def test_asha_stops_weak_trials_early_and_frees_their_workers(ray_cluster, tiny_
     printed = invoke(
         "tune", "--data", tiny_data, "--storage", str(tmp_path / "asha"), "--label-ratios",
         "0.5", "--missing-rates", "0.5", "--concurrency", "1", "--asha", *TINY,
-        "--epochs", "3", "--samples", "4", "--json",
+        "--epochs", "3", "--samples", "3", "--json",
     )
     (cell,) = printed["cells"]
     result = json.loads((tmp_path / "asha" / "results" / f"{cell['cell']}.json").read_text())
     trials = result["trials"]
-    assert len(trials) == 4
+    assert len(trials) == 3
     stopped = [t for t in trials if t["epochs"] < 3]
     assert stopped, [(t["trial_id"], t["epochs"]) for t in trials]
     cell_dir = tmp_path / "asha" / cell["cell"]
@@ -297,8 +297,9 @@ def test_asha_stops_weak_trials_early_and_frees_their_workers(ray_cluster, tiny_
     assert any(t["finished"] and t["epochs"] == 3 for t in trials)
     assert not math.isnan(result["best"]["test"]["MAE"])
 
-    # A stopped trial's Train controller and workers are gone, not holding CPUs.
-    deadline = time.monotonic() + 60
+    # A stopped trial's Train controller and workers are gone, not holding CPUs (Ray Train's
+    # placement-group cleaner can take a minute on a loaded machine).
+    deadline = time.monotonic() + 180
     while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(1)
     from ray._private import state
