@@ -21,11 +21,11 @@ from sslmm_ray import storage
 from sslmm_ray.config import ModelConfig
 from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
+from sslmm_ray.train import rundir
 
 FORMAT_VERSION = 1
-STATE = "state.pt"
-META = "meta.json"
-BEST = "best.json"
+STATE = rundir.CHECKPOINT_STATE
+META = rundir.CHECKPOINT_META
 
 
 class CheckpointError(UserError):
@@ -91,13 +91,13 @@ def load_ray_checkpoint(ckpt: ray.train.Checkpoint) -> tuple[CheckpointMeta, dic
 
 def resolve(uri: str, options: StorageOptions | None = None) -> str:
     """A checkpoint URI, or a run directory meaning its best checkpoint."""
-    if storage.exists(storage.join(uri, META), options):
+    if storage.exists(rundir.checkpoint_meta(uri), options):
         return uri
-    best = storage.join(uri, BEST)
+    best = rundir.RunDir(uri).best
     if storage.exists(best, options):
         return storage.read_json(best, options)["checkpoint"]
     raise CheckpointError(
-        f"{uri}: neither a checkpoint ({META}) nor a finished run directory ({BEST})"
+        f"{uri}: neither a checkpoint ({META}) nor a finished run directory ({rundir.BEST})"
     )
 
 
@@ -141,6 +141,6 @@ def load_model(
 
 def write_best(run_dir: str, checkpoint_uri: str, metrics: dict[str, Any], options) -> None:
     storage.write_json(
-        storage.join(run_dir, BEST), {"checkpoint": checkpoint_uri, "metrics": metrics}, options
+        rundir.RunDir(run_dir).best, {"checkpoint": checkpoint_uri, "metrics": metrics}, options
     )
 

@@ -21,13 +21,14 @@ from sslmm_ray.data import pipeline, protocols, store
 from sslmm_ray.model import pseudo_labels
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
+from sslmm_ray.train.rundir import RunDir
 
 
 def pseudo_label_report(
     run_dir: str, options: StorageOptions | None = None, *, batch_size: int = 256
 ) -> dict[str, Any]:
     """Sign accuracy of the run's pseudo-labels against the withheld training labels."""
-    cfg = from_dict(storage.read_json(storage.join(run_dir, "config.json"), options), run_dir)
+    cfg = from_dict(storage.read_json(RunDir(run_dir).config, options), run_dir)
     ft = cfg.finetune
     model, meta = ckpt.load_model(run_dir, options)
     manifest = store.open_dataset(cfg.data.uri, options)

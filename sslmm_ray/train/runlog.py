@@ -15,14 +15,13 @@ from tensorboardX import SummaryWriter
 
 from sslmm_ray import storage
 from sslmm_ray.storage import StorageOptions
-
-HISTORY = "history.json"
-TENSORBOARD = "tensorboard"
+from sslmm_ray.train.rundir import TENSORBOARD, RunDir
 
 
 class RunLog:
     def __init__(self, run_dir: str, options: StorageOptions) -> None:
         self.run_dir = run_dir
+        self.layout = RunDir(run_dir)
         self.options = options
         self._writer: SummaryWriter | None = None
         self._local_tb: Path | None = None
@@ -38,7 +37,7 @@ class RunLog:
 
     def write(self, history: list[dict[str, float]]) -> None:
         """Publish the history so far and the newest epoch's scalars."""
-        storage.write_json(storage.join(self.run_dir, HISTORY), history, self.options)
+        storage.write_json(self.layout.history, history, self.options)
         if not history:
             return
         last = history[-1]
@@ -51,13 +50,13 @@ class RunLog:
         if storage.is_remote(self.run_dir) and self._local_tb is not None:
             for path in self._local_tb.iterdir():
                 storage.write_bytes(
-                    storage.join(self.run_dir, TENSORBOARD, path.name),
+                    storage.join(self.layout.tensorboard, path.name),
                     path.read_bytes(),
                     self.options,
                 )
 
     @staticmethod
     def read(run_dir: str, options: StorageOptions) -> list[dict[str, Any]]:
-        uri = storage.join(run_dir, HISTORY)
+        uri = RunDir(run_dir).history
         return storage.read_json(uri, options) if storage.exists(uri, options) else []
 

@@ -27,14 +27,14 @@ from sslmm_ray.data import pipeline, store
 from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
-from sslmm_ray.train import progress
+from sslmm_ray.train import progress, rundir
 from sslmm_ray.train.evaluate import evaluate_checkpoint
 from sslmm_ray.train.loop import selection, stage_config, train_loop
+from sslmm_ray.train.rundir import RunDir
 from sslmm_ray.train.runlog import RunLog
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"
 
 
 @dataclass
@@ -162,7 +162,7 @@ def prepare_stage(
 def _save_config(
     stage: str, cfg: ExperimentConfig, run_dir: str, options: StorageOptions, allow: bool
 ) -> None:
-    uri = storage.join(run_dir, CONFIG)
+    uri = RunDir(run_dir).config
     current = cfg.to_dict()
     if storage.exists(uri, options):
         saved = storage.read_json(uri, options)
@@ -175,7 +175,7 @@ def _save_config(
             )
         if diffs:
             stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
-            kept = storage.join(run_dir, f"config.before-{stamp}.json")
+            kept = RunDir(run_dir).config_before(stamp)
             storage.write_json(kept, saved, options)
             log.warning("%s: resuming with changed settings (%s); the old ones are in %s",
                         run_dir, "; ".join(diffs), kept)
@@ -251,7 +251,7 @@ def finish_stage(
         "test": test,
         "epochs": len(history),
     }
-    storage.write_json(storage.join(run_dir, "metrics.json"), summary, options)
+    storage.write_json(RunDir(run_dir).metrics, summary, options)
     return StageResult(run_dir, best_uri, best_metrics, history, test)
 
 
@@ -297,9 +297,9 @@ def run_stage(
 def _checkpoint_uri(run_dir: str, checkpoint: ray.train.Checkpoint) -> str:
     """The checkpoint's address in the user's URI scheme (Ray reports fs-relative paths)."""
     leaf = checkpoint.path.rstrip("/").rpartition("/")[2]
-    return storage.join(run_dir, leaf)
+    return RunDir(run_dir).checkpoint(leaf)
 
 
 def _metrics_of(checkpoint_uri: str, options: StorageOptions) -> dict[str, Any]:
-    meta = storage.read_json(storage.join(checkpoint_uri, ckpt.META), options)
+    meta = storage.read_json(rundir.checkpoint_meta(checkpoint_uri), options)
     return meta.get("metrics", {})

@@ -39,8 +39,10 @@ from sslmm_ray.data.pipeline import SplitCache
 from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
+from sslmm_ray.train import rundir
 from sslmm_ray.train.evaluate import evaluate_checkpoint
 from sslmm_ray.train.loop import selection
+from sslmm_ray.train.rundir import RunDir
 from sslmm_ray.train.runlog import RunLog
 from sslmm_ray.tune import space, trial
 from sslmm_ray.tune.space import Cell
@@ -386,12 +388,12 @@ def best_checkpoint(
 ) -> tuple[str, dict]:
     """The run's best checkpoint: ``best.json`` when the run finished, else the best kept one
     among its first ``epochs`` (a trial stopped by ASHA never writes ``best.json``)."""
-    best_file = storage.join(run_dir, ckpt.BEST)
+    best_file = RunDir(run_dir).best
     if epochs is None and storage.exists(best_file, options):
         best = storage.read_json(best_file, options)
         return best["checkpoint"], best["metrics"]
     kept = []  # (epoch, value, checkpoint uri, metrics)
-    for meta_uri in storage.list_files(run_dir, options, suffix="/" + ckpt.META):
+    for meta_uri in storage.list_files(run_dir, options, suffix="/" + rundir.CHECKPOINT_META):
         meta = storage.read_json(meta_uri, options)
         value = meta.get("metrics", {}).get(metric)
         if value is not None:
@@ -413,7 +415,7 @@ def run_baseline(
     from sslmm_ray.train.runner import run_stage
 
     run_dir = layout.baseline(cell)
-    metrics_uri = storage.join(run_dir, "metrics.json")
+    metrics_uri = RunDir(run_dir).metrics
     if not storage.exists(metrics_uri, options):
         data = cfg.to_dict()
         data["finetune"].update(

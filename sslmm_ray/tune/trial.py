@@ -17,6 +17,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from sslmm_ray import ray_env, storage
 from sslmm_ray.data.pipeline import SplitCache
 from sslmm_ray.storage import StorageOptions
+from sslmm_ray.train.rundir import RunDir
 from sslmm_ray.train.runlog import RunLog
 from sslmm_ray.tune import space
 
@@ -44,7 +45,7 @@ def run_dir_of(runs_uri: str, trial_id: str) -> str:
 
 def is_finished(run_dir: str, options: StorageOptions) -> bool:
     """``metrics.json`` is the last file a Train run publishes."""
-    return storage.exists(storage.join(run_dir, "metrics.json"), options)
+    return storage.exists(RunDir(run_dir).metrics, options)
 
 
 def run_trial(
