@@ -24,7 +24,7 @@ def run_demo(
     *, work_dir: Path, scale: float, epochs: int, pretrain_epochs: int, aligned: bool,
     workers: int, console: Console,
 ) -> dict:
-    from sslmm_ray.cli import metrics_table
+    from sslmm_ray.cli.render import metrics_table
     from sslmm_ray.data import store, synth
     from sslmm_ray.train.runner import run_stage
 

@@ -1,0 +1,229 @@
+"""``sslmm pretrain | finetune | evaluate | predict | demo``: the stages and their use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from sslmm_ray.cli.app import (
+    AllowConfigChange,
+    BreakLock,
+    ConfigFile,
+    Epochs,
+    Gpus,
+    JsonFlag,
+    MaxFailures,
+    Overrides,
+    Precision,
+    ProtocolChoice,
+    S3Endpoint,
+    Seed,
+    Workers,
+    app,
+    build_config,
+    emit,
+    out,
+)
+from sslmm_ray.cli.render import metrics_table
+from sslmm_ray.errors import UserError
+
+
+@app.command()
+def pretrain(
+    data: Annotated[str, typer.Option(help="Dataset URI.")],
+    run_dir: Annotated[str, typer.Option(help="Run directory URI (re-use it to resume).")],
+    missing_rate: Annotated[float | None, typer.Option(
+        help="Missing-modality rate of the data (as the fine-tuning will see it).")] = None,
+    protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
+    workers: Workers = None,
+    gpus: Gpus = None,
+    precision: Precision = None,
+    epochs: Epochs = None,
+    max_failures: MaxFailures = None,
+    seed: Seed = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    s3_endpoint: S3Endpoint = None,
+    allow_config_change: AllowConfigChange = False,
+    break_lock: BreakLock = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Self-supervised pre-training on every training sample (labels never read)."""
+    from sslmm_ray.train.runner import run_stage
+
+    cfg = build_config(
+        config, overrides,
+        data={"uri": data, "s3_endpoint": s3_endpoint},
+        pretrain={"workers": workers, "gpus": gpus, "epochs": epochs,
+                  "precision": precision.value if precision else None,
+                  "max_failures": max_failures, "seed": seed, "missing_rate": missing_rate,
+                  "protocol": protocol.value if protocol else None},
+    )
+    result = run_stage("pretrain", cfg, run_dir, allow_config_change=allow_config_change,
+                       break_lock=break_lock)
+    emit({"run_dir": result.run_dir, "checkpoint": result.checkpoint, "best": result.best},
+          as_json)
+
+
+@app.command()
+def finetune(
+    data: Annotated[str, typer.Option(help="Dataset URI.")],
+    run_dir: Annotated[str, typer.Option(help="Run directory URI (re-use it to resume).")],
+    label_ratio: Annotated[
+        float | None, typer.Option(help="Fraction of labeled training rows.")
+    ] = None,
+    missing_rate: Annotated[float | None, typer.Option(help="Missing-modality rate.")] = None,
+    protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
+    pretrained: Annotated[str | None, typer.Option(
+        help="Pre-training checkpoint or run directory.")] = None,
+    tau: Annotated[float | None, typer.Option(help="Pseudo-label confidence threshold.")] = None,
+    lambda_rec: Annotated[float | None, typer.Option(help="Reconstruction loss weight.")] = None,
+    pseudo_labels: Annotated[bool | None, typer.Option(
+        "--pseudo-labels/--no-pseudo-labels", help="Ablation: pseudo-label loss.")] = None,
+    reconstruction: Annotated[bool | None, typer.Option(
+        "--reconstruction/--no-reconstruction", help="Ablation: reconstruction loss.")] = None,
+    propagation: Annotated[str | None, typer.Option(
+        help="Ablation: alternating | intra | inter.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="graph | early (MLP baseline).")] = None,
+    workers: Workers = None,
+    gpus: Gpus = None,
+    precision: Precision = None,
+    epochs: Epochs = None,
+    max_failures: MaxFailures = None,
+    seed: Seed = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    s3_endpoint: S3Endpoint = None,
+    allow_config_change: AllowConfigChange = False,
+    break_lock: BreakLock = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Semi-supervised fine-tuning with modality reconstruction; writes metrics.json."""
+    from sslmm_ray.train.runner import run_stage
+
+    cfg = build_config(
+        config, overrides,
+        data={"uri": data, "s3_endpoint": s3_endpoint},
+        model={"propagation": propagation, "fusion": fusion},
+        finetune={
+            "label_ratio": label_ratio, "missing_rate": missing_rate,
+            "protocol": protocol.value if protocol else None, "pretrained": pretrained,
+            "tau": tau, "lambda_rec": lambda_rec, "pseudo_labels": pseudo_labels,
+            "reconstruction": reconstruction, "workers": workers, "gpus": gpus,
+            "precision": precision.value if precision else None, "epochs": epochs,
+            "max_failures": max_failures, "seed": seed,
+        },
+    )
+    result = run_stage("finetune", cfg, run_dir, allow_config_change=allow_config_change,
+                       break_lock=break_lock)
+    if as_json:
+        emit({"run_dir": result.run_dir, "checkpoint": result.checkpoint,
+               "valid": result.best, "test": result.test}, True)
+    else:
+        out.print(metrics_table(f"test metrics ({run_dir})", {"test": result.test}))
+
+
+@app.command()
+def evaluate(
+    data: Annotated[str, typer.Option(help="Dataset URI.")],
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint or run directory (its best).")],
+    split: Annotated[str, typer.Option(help="train | valid | test.")] = "test",
+    missing_rate: Annotated[float | None, typer.Option(
+        help="Test missing rate (default: the one the checkpoint trained under).")] = None,
+    protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
+    seed: Seed = None,
+    curve: Annotated[bool, typer.Option(
+        "--curve", help="Evaluate test missing rates 0.0 to 0.9: JSON + PNG robustness curve.")
+    ] = False,
+    pseudo: Annotated[bool, typer.Option(
+        "--pseudo-labels", help="Offline diagnostic of a fine-tuning run directory: sign "
+        "accuracy of its pseudo-labels against the withheld training labels (never fed back)."
+    )] = False,
+    curve_out: Annotated[str | None, typer.Option(
+        "--out", help="Where --curve writes curve.json and curve.png (default: the checkpoint's "
+                      "run directory, or ./curve).")] = None,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """MMSA metrics of a checkpoint on a split (or a robustness curve with --curve)."""
+    from sslmm_ray import ray_env
+    from sslmm_ray.storage import StorageOptions
+    from sslmm_ray.train.evaluate import evaluate_checkpoint, robustness_curve
+
+    ray_env.init()
+    options = StorageOptions.from_env(s3_endpoint)
+    proto = protocol.value if protocol else None
+    if pseudo:
+        from sslmm_ray.train.diagnostics import pseudo_label_report
+
+        emit(pseudo_label_report(checkpoint, options), as_json)
+        return
+    if curve:
+        if missing_rate is not None:
+            raise UserError("--curve evaluates every missing rate; drop --missing-rate")
+        target = curve_out or str(Path("curve").resolve())
+        result = robustness_curve(checkpoint, data, target, options, split=split,
+                                  protocol=proto, seed=seed)
+        table = Table(title=f"robustness curve ({split}) -> {target}")
+        for col in ("missing rate", result["headline"], "MAE", "Corr"):
+            table.add_column(col, justify="right")
+        for p in result["points"]:
+            table.add_row(f"{p['missing_rate']:.1f}", f"{p[result['headline']]:.4f}",
+                          f"{p['MAE']:.4f}", f"{p['Corr']:.4f}")
+        emit(result, as_json, table)
+        return
+    result = evaluate_checkpoint(
+        checkpoint, data, options, split=split, missing_rate=missing_rate, protocol=proto,
+        seed=seed,
+    )
+    emit(result, as_json, metrics_table(f"{split} metrics", {checkpoint: result}))
+
+
+@app.command()
+def predict(
+    data: Annotated[str, typer.Option(help="Dataset URI.")],
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint or run directory (its best).")],
+    out_uri: Annotated[str, typer.Option("--out", help="Output folder URI for Parquet files.")],
+    splits: Annotated[str, typer.Option(help="Comma-separated splits to predict.")] = (
+        "train,valid,test"),
+    missing_rate: Annotated[float, typer.Option(
+        help="Hide modalities on top of what the data lacks (default: nothing).")] = 0.0,
+    protocol: Annotated[ProtocolChoice, typer.Option(help="Missingness protocol.")] = (
+        ProtocolChoice.modality),
+    seed: Annotated[int, typer.Option(help="Seed of the missingness masks.")] = 0,
+    concurrency: Annotated[int, typer.Option(help="Ray Data actors running the model.")] = 1,
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Batch inference with Ray Data: Parquet of id, prediction and modalities present."""
+    from sslmm_ray import ray_env
+    from sslmm_ray.storage import StorageOptions
+    from sslmm_ray.train.predict import predict as run_predict
+
+    ray_env.init()
+    summary = run_predict(
+        checkpoint, data, out_uri, StorageOptions.from_env(s3_endpoint),
+        splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+        missing_rate=missing_rate, protocol=protocol.value, seed=seed, concurrency=concurrency,
+    )
+    emit(summary, as_json)
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Where the demo writes data and runs.")] = Path(
+        "demo_runs"),
+    scale: Annotated[float, typer.Option(help="Synthetic mosi scale.")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 12,
+    pretrain_epochs: Annotated[int, typer.Option(help="Pre-training epochs.")] = 15,
+    aligned: Annotated[bool, typer.Option(help="Word-aligned mosi shapes (faster).")] = True,
+    workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
+) -> None:
+    """Synthetic data -> pre-training, SSLMM and supervised-only fine-tuning on Ray -> metrics."""
+    from sslmm_ray.demo import run_demo
+
+    run_demo(work_dir=work_dir.resolve(), scale=scale, epochs=epochs,
+             pretrain_epochs=pretrain_epochs, aligned=aligned, workers=workers, console=out)
