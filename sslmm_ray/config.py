@@ -63,7 +63,7 @@ def check_reachable(rate: float, protocol: str, where: str) -> None:
 
 
 @dataclass(config=_STRICT)
-class DataConfig:
+class DatasetConfig:
     """Where the canonical store lives and how it is streamed."""
 
     uri: str = ""
@@ -204,7 +204,7 @@ class FinetuneConfig(TrainingConfig):
 
 
 @dataclass(config=_STRICT)
-class TuneConfig:
+class SweepConfig:
     """The (label ratio x missing rate) grid and the search inside each cell."""
 
     label_ratios: list[Annotated[float, Field(gt=0.0, le=1.0)]] = dataclasses.field(
@@ -226,11 +226,11 @@ class TuneConfig:
 
 @dataclass(config=_STRICT)
 class ExperimentConfig:
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    data: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
-    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
+    tune: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
     @model_validator(mode="after")
     def _grid_reachable(self) -> ExperimentConfig:

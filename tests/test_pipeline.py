@@ -15,7 +15,7 @@ import ray
 import torch
 
 from sslmm_ray import ray_env
-from sslmm_ray.config import DataConfig, ExperimentConfig, FinetuneConfig
+from sslmm_ray.config import DatasetConfig, ExperimentConfig, FinetuneConfig
 from sslmm_ray.data import pipeline, protocols, store, synth
 from sslmm_ray.data.normalize import normalize_features, normalizer_for, valid_frames
 from sslmm_ray.data.protocols import ProtocolSpec
@@ -154,7 +154,7 @@ def test_training_batches_are_normalised_per_feature(ray_session, s3, scaled) ->
 
 
 def test_normalize_false_gives_raw_values(ray_session, s3, scaled) -> None:
-    cfg = ExperimentConfig(data=DataConfig(normalize=False))
+    cfg = ExperimentConfig(data=DatasetConfig(normalize=False))
     got = _by_index(
         _collect(pipeline.pretrain_datasets(scaled, cfg, s3.options)["valid"]),
         store.read_split(scaled, "valid", s3.options)["id"],
@@ -180,7 +180,7 @@ def test_cache_is_opt_in_equals_streaming_and_reseeds_block_order(
     streaming = ExperimentConfig(finetune=FinetuneConfig(label_ratio=0.5, missing_rate=0.4))
     assert streaming.data.cache_mb == 0 and streaming.data.prefetch_batches >= 2
     assert pipeline.SplitCache.build(remote, streaming, s3.options) is None  # opt-in
-    cfg = ExperimentConfig(data=DataConfig(cache_mb=64), finetune=streaming.finetune)
+    cfg = ExperimentConfig(data=DatasetConfig(cache_mb=64), finetune=streaming.finetune)
     cache = pipeline.SplitCache.build(remote, cfg, s3.options)
     assert cache is not None and set(cache.splits) == {"train", "valid"}
     assert cache.splits["train"].num_blocks() >= 6  # one per shard
@@ -213,5 +213,5 @@ def test_cache_is_opt_in_equals_streaming_and_reseeds_block_order(
     assert len(set(first)) == 3, "the block order must change every epoch"
     assert first == again, "the same seed must give the same sequence of epoch orders"
     with pytest.raises(ValueError, match="data.normalize"):
-        pipeline.finetune_datasets(remote, ExperimentConfig(data=DataConfig(normalize=False)),
+        pipeline.finetune_datasets(remote, ExperimentConfig(data=DatasetConfig(normalize=False)),
                                    s3.options, cache)

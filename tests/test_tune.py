@@ -73,7 +73,7 @@ def _tune_trials(cell_dir: str) -> dict[str, dict]:
 
 def test_search_space_and_seeded_searcher():
     cell = Cell(0.3, 0.5)
-    assert cell.name == "cell_lr0.3_mr0.5"
+    assert cell.name == "cell_label0.3_missing0.5"
     assert space.grid([0.3, 0.1], [0.0, 0.3, 0.0]) == [
         Cell(0.1, 0.0), Cell(0.1, 0.3), Cell(0.3, 0.0), Cell(0.3, 0.3)
     ]

@@ -122,7 +122,7 @@ def stream(uri: str, epochs: int, batch_size: int = 64) -> dict[str, Any]:
     from sslmm_ray.data import pipeline, protocols, store
 
     ray_env.init()
-    data = config_mod.DataConfig()
+    data = config_mod.DatasetConfig()
     manifest = store.open_dataset(uri)
     spec = protocols.ProtocolSpec(missing_rate=0.5, seed=0)
     train = pipeline.split_dataset(manifest, "train", spec, shuffle_seed=0)

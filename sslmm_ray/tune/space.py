@@ -28,8 +28,8 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """The Tuner's experiment name, e.g. ``cell_lr0.5_mr0.3``."""
-        return f"cell_lr{self.label_ratio:g}_mr{self.missing_rate:g}"
+        """The Tuner's experiment name: ``cell_label0.5_missing0.3`` (label ratio, missing rate)."""
+        return f"cell_label{self.label_ratio:g}_missing{self.missing_rate:g}"
 
 
 def grid(label_ratios: list[float], missing_rates: list[float]) -> list[Cell]:

@@ -3,7 +3,7 @@
 Storage layout under the sweep's URI (local or S3)::
 
     sweep.json                 the settings the sweep started with (a re-run must match them)
-    cell_lr0.5_mr0.3/          Tune's experiment folder of the cell (trials, searcher state)
+    cell_label0.5_missing0.3/          Tune's experiment folder of the cell (trials, searcher state)
     runs/<cell>/<trial_id>/    each trial's Train run: config.json, checkpoints, history.json,
                                tensorboard/, best.json, metrics.json
     baseline/<cell>/           the supervised-only run of the cell (``--baseline``)
