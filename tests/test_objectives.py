@@ -9,17 +9,15 @@ import torch
 
 from sslmm_ray.bench.model import random_batch
 from sslmm_ray.config import FinetuneConfig, ModelConfig, PretrainConfig
-from sslmm_ray.model import (
-    build_model,
+from sslmm_ray.model import build_model, ema_update, make_teacher
+from sslmm_ray.train.objectives import (
     drop_modalities,
-    ema_update,
+    features,
     finetune_loss,
-    make_teacher,
     pretrain_loss,
     pseudo_labels,
     rampup,
 )
-from sslmm_ray.model.objectives import features
 
 torch.set_num_threads(1)
 
@@ -151,7 +149,7 @@ def test_confidence_formula_and_range():
     mu, conf = pseudo_labels(teacher, b, 5, 0.5, 0.2, 0.1, _gen(3))
     assert ((conf >= 0) & (conf < 1)).all()
     # Recompute from the same views.
-    from sslmm_ray.model.objectives import random_hide
+    from sslmm_ray.train.objectives import random_hide
 
     inputs = {k: v.repeat(5, *([1] * (v.dim() - 1))) for k, v in features(b).items()}
     gen = _gen(3)

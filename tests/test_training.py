@@ -257,16 +257,17 @@ def test_bf16_autocast_step_on_cpu():
     from sslmm_ray.bench.train import fixed_batches
     from sslmm_ray.model import build_model, make_teacher
     from sslmm_ray.train.loop import train_step
+    from sslmm_ray.train.stages import STAGES
 
     cfg = _ddp_config("finetune.precision=bf16", "pretrain.precision=bf16")
     item = fixed_batches(DDP_DIMS, DDP_LENGTHS, 8, 2, seed=1)[1]
     seen: list[torch.dtype] = []
-    for stage in ("pretrain", "finetune"):
+    for stage in STAGES.values():
         seen.clear()
         torch.manual_seed(0)
         model = build_model(cfg.model, DDP_DIMS, DDP_LENGTHS)
         model.encoders["text"].proj.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
-        teacher = make_teacher(model) if stage == "finetune" else None
+        teacher = make_teacher(model) if stage.uses_teacher else None
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         loss, stats = train_step(model, teacher, opt, item["batch"], stage, cfg, 0, 0,
                                  torch.Generator().manual_seed(0))

@@ -32,8 +32,9 @@ from sslmm_ray import config as config_mod
 from sslmm_ray import ray_env, storage
 from sslmm_ray.data import pipeline, protocols, store, synth
 from sslmm_ray.data.normalize import normalizer_for
-from sslmm_ray.model import build_model, ema_update, finetune_loss, make_teacher
+from sslmm_ray.model import build_model, ema_update, make_teacher
 from sslmm_ray.storage import StorageOptions
+from sslmm_ray.train.objectives import finetune_loss
 from sslmm_ray.train.runlog import RunLog
 
 Batch = dict[str, torch.Tensor]
@@ -48,7 +49,7 @@ def fixed_batches(
     ``dropped`` (fine-tuning's on-purpose drops; none at all on step 0, so the decoders go
     unused there) and ``hide`` (pre-training's masked view)."""
     from sslmm_ray.bench.model import random_batch
-    from sslmm_ray.model.objectives import _drop_keep_one, features, presence
+    from sslmm_ray.train.objectives import _drop_keep_one, features, presence
 
     out = []
     for step in range(steps):
@@ -63,7 +64,7 @@ def fixed_batches(
 
 def _hide_for(item: Mapping[str, Any], batch: Batch, segments: Mapping[str, int]):
     """Pre-training's masks for the global batch (they need the model's segment counts)."""
-    from sslmm_ray.model.objectives import features, random_hide
+    from sslmm_ray.train.objectives import features, random_hide
 
     gen = torch.Generator().manual_seed(int(item["hide_seed"]) + 7)
     return random_hide(features(batch), segments, *item["hide_probs"], gen)
@@ -83,16 +84,16 @@ def step_case(
 def _run_case(case: dict[str, Any], mode: str, dims, lengths, rank: int, world: int):
     import torch.distributed as dist
 
-    from sslmm_ray.train import distributed
+    from sslmm_ray.train import distributed, stages
     from sslmm_ray.train.loop import train_step
 
     cfg = config_mod.from_dict(case["cfg"], "bench")
-    stage, items, warmup = case["stage"], case["batches"], case["warmup"]
-    scfg = cfg.pretrain if stage == "pretrain" else cfg.finetune
+    stage, items, warmup = stages.get(case["stage"]), case["batches"], case["warmup"]
+    scfg = stage.config(cfg)
     torch.manual_seed(scfg.seed)
     model = distributed.prepare(build_model(cfg.model, dims, lengths), mode)
     net = distributed.unwrap(model)
-    teacher = make_teacher(model) if stage == "finetune" else None
+    teacher = make_teacher(model) if stage.uses_teacher else None
     opt = torch.optim.AdamW(model.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
     rec: dict[str, Any] = {"wrapper": type(model).__name__, "stats": [], "grads": [],
                            "grad_max": {}}
@@ -107,7 +108,7 @@ def _run_case(case: dict[str, Any], mode: str, dims, lengths, rank: int, world: 
         rows = slice(rank * per, (rank + 1) * per)
         local = {k: v[rows] for k, v in batch.items()}
         hide = ({m: h[rows] for m, h in _hide_for(item, batch, net.segments).items()}
-                if stage == "pretrain" else None)
+                if stage is stages.PRETRAIN else None)
         _, stats = train_step(model, teacher, opt, local, stage, cfg, 0, step,
                               torch.Generator().manual_seed(step), hide=hide,
                               dropped=item["dropped"][rows])

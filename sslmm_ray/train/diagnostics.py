@@ -18,9 +18,9 @@ import torch
 from sslmm_ray import storage
 from sslmm_ray.config import from_dict
 from sslmm_ray.data import pipeline, protocols, store
-from sslmm_ray.model import pseudo_labels
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
+from sslmm_ray.train.objectives import pseudo_labels
 from sslmm_ray.train.rundir import RunDir
 
 

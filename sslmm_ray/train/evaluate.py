@@ -28,7 +28,7 @@ def _spec(meta: ckpt.CheckpointMeta, missing_rate, protocol, seed) -> protocols.
 
 
 def _metrics(model, manifest, split, spec, options, normalize: bool) -> dict[str, float]:
-    from sslmm_ray.train.loop import predict
+    from sslmm_ray.train.stages import predict
 
     ds = pipeline.split_dataset(manifest, split, spec, options, normalize=normalize)
     with pipeline.task_data_errors():

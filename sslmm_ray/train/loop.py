@@ -1,8 +1,9 @@
 """The train-loop function that every Ray Train worker runs, for both stages.
 
-One function, parameterised by the stage: pre-training minimises the self-supervised objective
-and is judged by its validation loss; fine-tuning minimises the semi-supervised objective with an
-EMA teacher and is judged by the validation headline metric. Each epoch ends with one
+One function, written once: the :class:`~sslmm_ray.train.stages.Stage` says what is minimised,
+whether an EMA teacher is kept, how an epoch is validated and which metric selects (pre-training:
+the self-supervised objective, judged by its validation loss; fine-tuning: the semi-supervised
+objective with an EMA teacher, judged by ``finetune.selection``). Each epoch ends with one
 ``ray.train.report`` carrying the metrics and a checkpoint (written by rank 0), so that Ray keeps
 the best and the latest and a restarted worker group resumes from the latest.
 
@@ -18,82 +19,24 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sslmm_ray import metrics as mmsa
-from sslmm_ray.config import ExperimentConfig, TrainingConfig, from_dict
-from sslmm_ray.model import build_model, ema_update, finetune_loss, make_teacher, pretrain_loss
+from sslmm_ray.config import ExperimentConfig, from_dict
+from sslmm_ray.model import build_model, ema_update, make_teacher
 from sslmm_ray.ray_env import quiet_ray_data
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
 from sslmm_ray.train import distributed
 from sslmm_ray.train.runlog import RunLog
+from sslmm_ray.train.stages import Stage, get, to_device
 
 Batch = dict[str, torch.Tensor]
-
-
-def stage_config(cfg: ExperimentConfig, stage: str) -> TrainingConfig:
-    return cfg.pretrain if stage == "pretrain" else cfg.finetune
-
-
-def selection(stage: str, family: str, cfg: ExperimentConfig) -> tuple[str, str]:
-    """(metric, mode) that picks the best checkpoint of a stage (``finetune.selection``)."""
-    if stage == "pretrain":
-        return "valid_loss", "min"
-    name, mode = mmsa.selection_metric(cfg.finetune.selection, family)
-    return f"valid_{name}", mode
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device):
-    """Predictions and labels of the labeled rows of some batches (model in eval mode).
-
-    Rows whose label the protocol withheld (``labeled`` False) cannot be scored and are left
-    out: validation at a label ratio below 1 is scored on its labeled rows only.
-    """
-    was_training = model.training
-    model.eval()
-    preds, labels = [], []
-    for batch in batches:
-        keep = batch["labeled"].bool().cpu() if "labeled" in batch else None
-        out = model(_to_device(batch, device), outputs=("pred",))
-        pred, label = out.pred.float().cpu(), batch["label"].float()
-        preds.append(pred if keep is None else pred[keep])
-        labels.append(label.cpu() if keep is None else label.cpu()[keep])
-    model.train(was_training)
-    if not preds:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
-
-
-@torch.no_grad()
-def _pretrain_valid_loss(model, batches, cfg, device) -> float:
-    """Mean pre-training loss over validation batches (rank 0 alone: no collectives)."""
-    model = distributed.unwrap(model)
-    model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    total, n = 0.0, 0
-    with distributed.local():
-        for batch in batches:
-            batch = _to_device(batch, device)
-            loss, _ = pretrain_loss(model, batch, cfg, gen)
-            b = len(batch["index"])
-            total += float(loss) * b
-            n += b
-    model.train()
-    return total / max(n, 1)
 
 
 def ema_decay(target: float, step: int) -> float:
@@ -111,7 +54,7 @@ def train_step(
     teacher: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
     batch: Batch,
-    stage: str,
+    stage: Stage,
     cfg: ExperimentConfig,
     epoch: int,
     step: int,
@@ -124,14 +67,11 @@ def train_step(
     loss (under autocast with ``precision: bf16``), backward (DDP averages the gradients
     across ranks), clipping, AdamW, then the EMA teacher. ``hide`` / ``dropped`` replace the
     random masks (tests and benchmarks compare worker counts on the same draws)."""
-    scfg = stage_config(cfg, stage)
+    scfg = stage.config(cfg)
     device = next(iter(batch.values())).device
     with autocast(device, scfg.precision):
-        if stage == "pretrain":
-            loss, stats = pretrain_loss(model, batch, cfg.pretrain, generator, hide=hide)
-        else:
-            loss, stats = finetune_loss(model, teacher, batch, cfg.finetune, epoch, generator,
-                                        label_scale, dropped=dropped)
+        loss, stats = stage.loss(model, teacher, batch, cfg, epoch, generator,
+                                 label_scale=label_scale, hide=hide, dropped=dropped)
         loss = loss + distributed.zero_weight_terms(model)  # 0.0 unless ddp_zero_weight
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -168,23 +108,15 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def _protocol_of(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
-    if stage == "pretrain":
-        pre = cfg.pretrain
-        return {"missing_rate": pre.missing_rate, "protocol": pre.protocol, "seed": pre.seed}
-    ft = cfg.finetune
-    return {"missing_rate": ft.missing_rate, "protocol": ft.protocol, "seed": ft.seed}
-
-
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry: ``loop_config`` holds the stage, the config dict and shapes."""
     quiet_ray_data()
-    stage: str = loop_config["stage"]
+    stage = get(loop_config["stage"])
     cfg = from_dict(loop_config["config"], "train loop")
     dims, lengths, family = loop_config["dims"], loop_config["lengths"], loop_config["family"]
     lo, hi = loop_config.get("label_range", (-3.0, 3.0))
     label_scale = (float(hi) - float(lo)) / 2.0  # confidence's kappa is relative to it
-    scfg = stage_config(cfg, stage)
+    scfg = stage.config(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
@@ -220,11 +152,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         history = list(state.get("history", []))
 
     # The EMA teacher starts as the (broadcast, unwrapped) student, or as it was saved.
-    teacher = make_teacher(model) if stage == "finetune" else None
+    teacher = make_teacher(model) if stage.uses_teacher else None
     if teacher is not None and state.get("teacher") is not None:
         teacher.load_state_dict(state["teacher"])
 
-    metric, mode = selection(stage, family, cfg)
+    metric, mode = stage.selection(cfg, family)
     run_log = RunLog(loop_config["run_dir"], StorageOptions.from_env(cfg.data.s3_endpoint))
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
@@ -240,7 +172,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=scfg.seed + epoch if cfg.data.shuffle_buffer else None,
         ):
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             loss, stats = train_step(model, teacher, optimizer, batch, stage, cfg, epoch, step,
                                      gen, label_scale)
             step += 1
@@ -261,15 +193,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         report["lr"] = scheduler.get_last_lr()[0]
         if rank == 0:
             valid_batches = valid_shard.iter_torch_batches(batch_size=256)
-            if stage == "pretrain":
-                report["valid_loss"] = _pretrain_valid_loss(
-                    model, valid_batches, cfg.pretrain, device
-                )
-            else:
-                evaluated = teacher if teacher is not None else distributed.unwrap(model)
-                preds, labels = predict(evaluated, valid_batches, device)
-                for k, v in mmsa.compute_metrics(preds, labels, family).items():
-                    report[f"valid_{k}"] = v
+            report.update(stage.validate(model, teacher, valid_batches, cfg, device, family))
             value = report[metric]
             improved = best is None or (value < best if mode == "min" else value > best)
             if improved:
@@ -286,14 +210,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 meta = ckpt.CheckpointMeta(
-                    stage=stage,
+                    stage=stage.name,
                     epoch=epoch,
                     metrics={k: float(v) for k, v in report.items()},
                     model=dataclasses.asdict(model_cfg),
                     dims=dict(dims),
                     lengths=dict(lengths),
                     dataset=loop_config["dataset"],
-                    protocol=_protocol_of(cfg, stage),
+                    protocol=stage.protocol(cfg),
                     normalize=cfg.data.normalize,
                 )
                 # "model" is what inference uses: the EMA teacher when there is one.

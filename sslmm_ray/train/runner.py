@@ -10,7 +10,6 @@ writes a run directory (:mod:`sslmm_ray.locks`).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 from dataclasses import dataclass
@@ -22,16 +21,17 @@ from ray.train.torch import TorchTrainer
 
 from sslmm_ray import config as config_mod
 from sslmm_ray import locks, ray_env, storage
-from sslmm_ray.config import ExperimentConfig, ModelConfig, from_dict
+from sslmm_ray.config import ExperimentConfig
 from sslmm_ray.data import pipeline, store
 from sslmm_ray.errors import UserError
 from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
-from sslmm_ray.train import progress, rundir
+from sslmm_ray.train import progress, rundir, stages
 from sslmm_ray.train.evaluate import evaluate_checkpoint
-from sslmm_ray.train.loop import selection, stage_config, train_loop
+from sslmm_ray.train.loop import train_loop
 from sslmm_ray.train.rundir import RunDir
 from sslmm_ray.train.runlog import RunLog
+from sslmm_ray.train.stages import Stage
 
 log = logging.getLogger(__name__)
 
@@ -54,69 +54,11 @@ def _split_run_dir(run_dir: str) -> tuple[str, str]:
     return parent, name
 
 
-def _with_pretrained_model(
-    cfg: ExperimentConfig, options: StorageOptions
-) -> tuple[ExperimentConfig, str | None]:
-    """Fine-tuning from a checkpoint uses the architecture that checkpoint was trained with."""
-    uri = cfg.finetune.pretrained
-    if not uri:
-        return cfg, None
-    uri = ckpt.resolve(uri, options)
-    meta, _ = ckpt.load(uri, options)
-    if meta.stage != "pretrain":
-        log.warning("--pretrained %s is a %s checkpoint; using its weights anyway", uri, meta.stage)
-    ft = cfg.finetune
-    wanted = {"missing_rate": ft.missing_rate, "protocol": ft.protocol, "seed": ft.seed}
-    seen = {k: meta.protocol.get(k) for k in wanted}
-    if seen != wanted:
-        raise ckpt.CheckpointError(
-            f"--pretrained {uri} was trained on data under {seen}, but fine-tuning hides "
-            f"{wanted}: modalities hidden now were visible in pre-training. Pre-train with "
-            "the same --missing-rate, --protocol and --seed."
-        )
-    if meta.normalize != cfg.data.normalize:
-        raise ckpt.CheckpointError(
-            f"--pretrained {uri} was trained with data.normalize={meta.normalize}, but "
-            f"fine-tuning has data.normalize={cfg.data.normalize}: use the same setting"
-        )
-    data = cfg.to_dict()
-    data["model"] = _model_of_checkpoint(cfg.model, meta.model, uri)
-    return from_dict(data, f"model config of {uri}"), uri
-
-
-#: Model settings that change how the same weights run, not which weights exist.
-_RUNTIME_MODEL_KEYS = frozenset({"backend"})
-
-
-def _model_of_checkpoint(requested: ModelConfig, trained: dict[str, Any], uri: str) -> dict:
-    """The checkpoint's architecture; a setting asked for that contradicts it is an error.
-
-    An ablation such as ``--propagation intra`` or ``--fusion early`` on top of a checkpoint
-    pre-trained with another architecture cannot be honoured; dropping it silently would
-    report the full model under the ablation's name.
-    """
-    asked = dataclasses.asdict(requested)
-    default = dataclasses.asdict(ModelConfig())
-    model = dataclasses.asdict(ModelConfig(**trained))
-    conflicts = [
-        f"model.{k}={v!r} (checkpoint: {model[k]!r})" for k, v in asked.items()
-        if k not in _RUNTIME_MODEL_KEYS and v != default[k] and v != model[k]
-    ]
-    if conflicts:
-        raise config_mod.ConfigError(
-            f"--pretrained {uri} was trained with another model: {', '.join(conflicts)}. "
-            "Pre-train with the same model settings, or fine-tune without --pretrained."
-        )
-    for k in _RUNTIME_MODEL_KEYS:
-        model[k] = asked[k]
-    return model
-
-
 @dataclass
 class PreparedStage:
     """Everything a stage's ``TorchTrainer`` needs, resolved on the driver (or a Tune trial)."""
 
-    stage: str
+    stage: Stage
     cfg: ExperimentConfig
     run_dir: str
     options: StorageOptions
@@ -128,7 +70,7 @@ class PreparedStage:
 
 
 def prepare_stage(
-    stage: str,
+    stage: str | Stage,
     cfg: ExperimentConfig,
     run_dir: str,
     *,
@@ -142,21 +84,17 @@ def prepare_stage(
     than the saved ones is refused unless ``allow_config_change``: the checkpoints would
     silently continue under another experiment.
     """
-    if stage not in ("pretrain", "finetune"):
-        raise ValueError(f"unknown stage {stage!r}")
+    stage = stages.get(stage)
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
     # Workers on other nodes may not share the driver's environment: pin the endpoint.
     cfg = config_mod.replace(cfg, data={"s3_endpoint": options.endpoint})
     manifest = store.open_dataset(cfg.data.uri, options)
-    pretrained = None
-    if stage == "finetune":
-        cfg, pretrained = _with_pretrained_model(cfg, options)
-        datasets = pipeline.finetune_datasets(manifest, cfg, options, cache)
-    else:
-        datasets = pipeline.pretrain_datasets(manifest, cfg, options, cache)
-    _save_config(stage, cfg, run_dir, options, allow_config_change)
-    metric, mode = selection(stage, manifest.family, cfg)
-    return PreparedStage(stage, cfg, run_dir, options, manifest, datasets, pretrained, metric, mode)
+    prepared = stage.prepare(manifest, cfg, options, cache)
+    cfg = prepared.cfg
+    _save_config(stage.name, cfg, run_dir, options, allow_config_change)
+    metric, mode = stage.selection(cfg, manifest.family)
+    return PreparedStage(stage, cfg, run_dir, options, manifest, prepared.datasets,
+                         prepared.pretrained, metric, mode)
 
 
 def _save_config(
@@ -184,14 +122,14 @@ def _save_config(
 
 def build_trainer(prep: PreparedStage, callbacks: list[Any] | None = None) -> TorchTrainer:
     """The stage's ``TorchTrainer``; ``callbacks`` lets a Tune trial forward its reports."""
-    scfg = stage_config(prep.cfg, prep.stage)
+    scfg = prep.stage.config(prep.cfg)
     parent, name = _split_run_dir(prep.run_dir)
     storage_path, fs = storage.ray_storage(parent, prep.options)
     manifest = prep.manifest
     return TorchTrainer(
         train_loop,
         train_loop_config={
-            "stage": prep.stage,
+            "stage": prep.stage.name,
             "config": prep.cfg.to_dict(),
             "dims": manifest.dims,
             "lengths": manifest.lengths,
@@ -232,17 +170,17 @@ def finish_stage(
     )
     best_ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
     if best_ckpt is None:
-        raise RuntimeError(f"{stage} run {run_dir} finished without a checkpoint")
+        raise RuntimeError(f"{stage.name} run {run_dir} finished without a checkpoint")
     best_uri = _checkpoint_uri(run_dir, best_ckpt)
     best_metrics = _metrics_of(best_uri, options)
     ckpt.write_best(run_dir, best_uri, best_metrics, options)
     history = RunLog.read(run_dir, options)
 
     test = None
-    if stage == "finetune" and evaluate_test:
+    if stage.scores_test and evaluate_test:
         test = evaluate_checkpoint(best_uri, prep.cfg.data.uri, options, split="test")
     summary = {
-        "stage": stage,
+        "stage": stage.name,
         "checkpoint": best_uri,
         "selection": {"metric": metric, "mode": mode},
         "valid": {
@@ -256,7 +194,7 @@ def finish_stage(
 
 
 def run_stage(
-    stage: str,
+    stage: str | Stage,
     cfg: ExperimentConfig,
     run_dir: str,
     *,
@@ -267,20 +205,18 @@ def run_stage(
     """Train one stage end to end and publish its outputs in ``run_dir``.
 
     The run directory is locked for the whole stage (``break_lock`` takes over a stale lock)."""
-    if stage not in ("pretrain", "finetune"):
-        raise ValueError(f"unknown stage {stage!r}")
-    scfg = stage_config(cfg, stage)
+    stage = stages.get(stage)
+    scfg = stage.config(cfg)
     info = ray_env.init()
-    ray_env.check_paths_reach_every_node(info, {
-        "--run-dir": run_dir, "--data": cfg.data.uri,
-        "--pretrained": cfg.finetune.pretrained if stage == "finetune" else None,
-    })
+    ray_env.check_paths_reach_every_node(
+        info, {"--run-dir": run_dir, "--data": cfg.data.uri, **stage.reads(cfg)}
+    )
     ray_env.check_fits(
         info,
         workers=scfg.workers,
         cpus_per_worker=scfg.cpus_per_worker,
         use_gpu=scfg.gpus,
-        what=f"{stage} with {scfg.workers} workers",
+        what=f"{stage.name} with {scfg.workers} workers",
     )
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
     with locks.hold(run_dir, options, what="run directory", break_lock=break_lock,
@@ -288,7 +224,7 @@ def run_stage(
         prep = prepare_stage(stage, cfg, run_dir, allow_config_change=allow_config_change)
         trainer = build_trainer(prep)
         with progress.follow(
-            run_dir, prep.options, epochs=scfg.epochs, metric=prep.metric, title=stage
+            run_dir, prep.options, epochs=scfg.epochs, metric=prep.metric, title=stage.name
         ), pipeline.task_data_errors():
             result = trainer.fit()
         return finish_stage(prep, result, evaluate_test=evaluate_test)

@@ -41,9 +41,9 @@ from sslmm_ray.storage import StorageOptions
 from sslmm_ray.train import checkpoint as ckpt
 from sslmm_ray.train import rundir
 from sslmm_ray.train.evaluate import evaluate_checkpoint
-from sslmm_ray.train.loop import selection
 from sslmm_ray.train.rundir import RunDir
 from sslmm_ray.train.runlog import RunLog
+from sslmm_ray.train.stages import FINETUNE
 from sslmm_ray.tune import space, trial
 from sslmm_ray.tune.space import Cell
 
@@ -162,7 +162,7 @@ def run_sweep(
     check_plan(cfg, info)
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
     manifest = store.open_dataset(cfg.data.uri, options)
-    selected = selection("finetune", manifest.family, cfg)
+    selected = FINETUNE.selection(cfg, manifest.family)
     headline = mmsa.headline_metric(manifest.family)
     layout = Layout(storage_uri.rstrip("/"))
     with locks.hold(layout.root, options, what="sweep storage", break_lock=break_lock,

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import MODALITIES, FinetuneConfig, PretrainConfig
-from ..train import distributed
+from sslmm_ray.config import MODALITIES, FinetuneConfig, PretrainConfig
+from sslmm_ray.train import distributed
 
 Batch = Mapping[str, Tensor]
 
