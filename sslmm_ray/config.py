@@ -94,6 +94,25 @@ class DatasetConfig:
 
 
 @dataclass(config=_STRICT)
+class MissingConfig:
+    """What the data hides from the model: one setting for both stages, evaluate and predict.
+
+    ``seed`` draws the masks and is not a training seed: changing a stage's seed (its
+    initialisation, batch order and labeled rows) leaves the same modalities missing, so one
+    pre-training run serves fine-tuning runs of any seed under the same missingness.
+    """
+
+    rate: OpenProb = 0.5
+    protocol: Protocol = "modality"
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _reachable(self) -> MissingConfig:
+        check_reachable(self.rate, self.protocol, "missing.rate")
+        return self
+
+
+@dataclass(config=_STRICT)
 class ModelConfig:
     """The graph network (DESIGN.md, Model)."""
 
@@ -146,15 +165,6 @@ class PretrainConfig(TrainingConfig):
     recon_weight: NonNegFloat = 1.0
     contrastive_weight: NonNegFloat = 0.5
     temperature: Annotated[float, Field(gt=0.0)] = 0.1
-    # The data as the fine-tuning stage will see it: pre-training must not see modalities that
-    # the protocol hides (same rate, protocol and seed as the fine-tuning runs it serves).
-    missing_rate: OpenProb = 0.0
-    protocol: Protocol = "modality"
-
-    @model_validator(mode="after")
-    def _reachable(self) -> PretrainConfig:
-        check_reachable(self.missing_rate, self.protocol, "pretrain.missing_rate")
-        return self
 
 
 @dataclass(config=_STRICT)
@@ -166,8 +176,6 @@ class FinetuneConfig(TrainingConfig):
     # 0.839 where 10 gave 0.794.
     epochs: PosInt = 30
     label_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
-    missing_rate: OpenProb = 0.5
-    protocol: Protocol = "modality"
     # FixMatch's threshold. On digits (label ratio 0.1, missing 0.5, seed 0) the pseudo-labels
     # kept at 0.8 were 18% wrong in sign (0.82 accurate on 24% of the unlabeled rows) and cost
     # 2-4 points; 0.95 keeps only views that agree far from neutral.
@@ -197,11 +205,6 @@ class FinetuneConfig(TrainingConfig):
     # of one sample. "headline" is Non0_acc_2 (MOSI, MOSEI) or Mult_acc_2 (SIMS).
     selection: Literal["MAE", "Corr", "headline"] = "MAE"
 
-    @model_validator(mode="after")
-    def _reachable(self) -> FinetuneConfig:
-        check_reachable(self.missing_rate, self.protocol, "finetune.missing_rate")
-        return self
-
 
 @dataclass(config=_STRICT)
 class SweepConfig:
@@ -227,6 +230,9 @@ class SweepConfig:
 @dataclass(config=_STRICT)
 class ExperimentConfig:
     data: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    # Pre-training sees the data as the fine-tuning it serves will (the same missingness): it
+    # must not learn from modalities that fine-tuning and evaluation hide.
+    missing: MissingConfig = dataclasses.field(default_factory=MissingConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
@@ -235,7 +241,7 @@ class ExperimentConfig:
     @model_validator(mode="after")
     def _grid_reachable(self) -> ExperimentConfig:
         for rate in self.tune.missing_rates:
-            check_reachable(rate, self.finetune.protocol, "tune.missing_rates")
+            check_reachable(rate, self.missing.protocol, "tune.missing_rates")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,7 +265,16 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"invalid configuration ({source}): " + "; ".join(lines)
 
 
+#: Keys of earlier versions that moved into the ``missing`` section.
+_MOVED = {"missing_rate": "missing.rate", "protocol": "missing.protocol"}
+
+
 def from_dict(data: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    moved = [f"'{section}.{old}' is now '{new}'" for section in ("pretrain", "finetune")
+             for old, new in _MOVED.items() if old in (data.get(section) or {})]
+    if moved:
+        raise ConfigError(f"invalid configuration ({source}): " + "; ".join(moved)
+                          + " (one missingness setting for both stages)")
     try:
         return _ADAPTER.validate_python(dict(data))
     except ValidationError as err:
@@ -353,6 +368,7 @@ def replace(cfg: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentC
 RESUMABLE = {
     "data": frozenset({"s3_endpoint", "read_parallelism", "cache_mb", "prefetch_batches"}),
     "model": frozenset({"backend"}),
+    "missing": frozenset(),
     "stage": frozenset({"epochs", "workers", "cpus_per_worker", "gpus", "precision",
                         "max_failures"}),
 }
@@ -367,7 +383,7 @@ def resume_differences(
     and ``tune``). A key the saved config lacks was added by a later version: not compared.
     """
     diffs = []
-    for section in ("data", "model", stage):
+    for section in ("data", "missing", "model", stage):
         allowed = RESUMABLE["stage" if section == stage else section]
         old, new = saved.get(section) or {}, current.get(section) or {}
         for key, value in new.items():

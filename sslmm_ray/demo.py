@@ -45,8 +45,7 @@ def run_demo(
     common = [
         f"data.uri={data_uri}",
         "finetune.label_ratio=0.5",
-        "finetune.missing_rate=0.5",
-        "pretrain.missing_rate=0.5",  # pre-training sees the data as fine-tuning will
+        "missing.rate=0.5",  # both stages: pre-training sees the data as fine-tuning will
         f"finetune.epochs={epochs}",
         f"pretrain.epochs={pretrain_epochs}",
         f"finetune.workers={workers}",

@@ -77,18 +77,19 @@ def digits_store(tmp_path_factory) -> str:
     return accuracy.write_data("digits", tmp_path_factory.mktemp("digits"))
 
 
-def _finetune(ratio: float, rate: float, seed: int) -> config_mod.FinetuneConfig:
+def _cell(ratio: float, rate: float, seed: int) -> config_mod.ExperimentConfig:
     return config_mod.load(overrides=[
-        f"finetune.label_ratio={ratio}", f"finetune.missing_rate={rate}", f"finetune.seed={seed}",
-    ]).finetune
+        f"finetune.label_ratio={ratio}", f"missing.rate={rate}", f"finetune.seed={seed}",
+        f"missing.seed={seed}",
+    ])
 
 
 def test_peers_see_the_labeled_rows_and_masks_of_finetune_specs(digits_store: str) -> None:
     manifest = store.open_dataset(digits_store)
-    ft = _finetune(0.1, 0.5, seed=3)
-    data = peers.load_splits(manifest, ft)
+    cfg = _cell(0.1, 0.5, seed=3)
+    data = peers.load_splits(manifest, cfg.finetune, missing=cfg.missing)
     train, test = data["train"], data["test"]
-    specs = pipeline.finetune_specs(manifest, ft)
+    specs = pipeline.finetune_specs(manifest, cfg.finetune, missing=cfg.missing)
     keys = protocols.sample_keys(train.ids)
     np.testing.assert_array_equal(np.sort(keys[train.labeled]), specs["train"].labeled_keys)
     truth = store.read_split(manifest, "train")
@@ -119,9 +120,9 @@ def _scramble(raw: RawDataset, hidden: dict[str, dict[str, np.ndarray]]) -> RawD
     return out
 
 
-def _features(uri: str, ft: config_mod.FinetuneConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+def _features(uri: str, cfg: config_mod.ExperimentConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """Rows sorted by id: the peers' preprocessed train and test inputs, and the splits."""
-    data = peers.load_splits(store.open_dataset(uri), ft)
+    data = peers.load_splits(store.open_dataset(uri), cfg.finetune, missing=cfg.missing)
     order = {s: np.argsort(d.ids) for s, d in data.items()}
     train, test = data["train"], data["test"]
     prep = peers.preprocessing().fit(train.x[train.labeled])
@@ -132,7 +133,7 @@ def _features(uri: str, ft: config_mod.FinetuneConfig) -> tuple[np.ndarray, np.n
 def test_a_missing_modality_carries_no_information_to_a_peer(
     digits_raw: RawDataset, tmp_path: Path
 ) -> None:
-    ft = _finetune(0.5, 0.5, seed=1)
+    ft = _cell(0.5, 0.5, seed=1)
     base = str(tmp_path / "base")
     store.write_dataset(digits_raw, base)
     x_train, x_test, data = _features(base, ft)

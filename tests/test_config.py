@@ -52,10 +52,10 @@ def test_unknown_key_is_named(override, key):
     [
         ("finetune.tau=1.5", "finetune.tau"),
         ("finetune.label_ratio=0", "finetune.label_ratio"),
-        ("finetune.missing_rate=1.0", "finetune.missing_rate"),
+        ("missing.rate=1.0", "missing.rate"),
         ("pretrain.epochs=0", "pretrain.epochs"),
         ("model.backend=gpu", "model.backend"),
-        ("finetune.protocol=sample", "finetune.protocol"),
+        ("missing.protocol=sample", "missing.protocol"),
         ("tune.label_ratios=[0.1,2]", "tune.label_ratios.1"),
     ],
 )
@@ -146,3 +146,19 @@ def test_resume_differences_name_what_may_not_change():
     legacy = {**saved, "data": {k: v for k, v in saved["data"].items() if k != "normalize"}}
     now = config.load(overrides=["finetune.epochs=5", "finetune.workers=2"]).to_dict()
     assert config.resume_differences(legacy, now, "finetune") == []  # key added later
+
+
+def test_missingness_is_one_section_with_its_own_seed():
+    """Both stages read ``missing``; keys of the former per-stage layout are refused by name,
+    and the mask seed is not the training seed."""
+    from sslmm_ray.data import pipeline
+    from sslmm_ray.train.stages import FINETUNE, PRETRAIN
+
+    cfg = config.load(overrides=["missing.rate=0.3", "missing.seed=5", "finetune.seed=9",
+                                 "pretrain.seed=2"])
+    want = {"missing_rate": 0.3, "protocol": "modality", "seed": 5}
+    assert PRETRAIN.protocol(cfg) == FINETUNE.protocol(cfg) == want
+    assert pipeline.missing_spec(cfg.missing) == want
+    for old in ("finetune.missing_rate=0.3", "pretrain.protocol=frame"):
+        with pytest.raises(ConfigError, match=r"is now 'missing\."):
+            config.load(overrides=[old])

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from sslmm_ray import ray_env
-from sslmm_ray.config import DatasetConfig, ExperimentConfig, FinetuneConfig
+from sslmm_ray.config import DatasetConfig, ExperimentConfig, FinetuneConfig, MissingConfig
 from sslmm_ray.data import pipeline, protocols, store, synth
 from sslmm_ray.data.normalize import normalize_features, normalizer_for, valid_frames
 from sslmm_ray.data.protocols import ProtocolSpec
@@ -100,7 +100,8 @@ def test_file_order_shuffles_per_epoch(ray_session, s3, raw, remote) -> None:
 
 def test_finetune_datasets_withhold_train_and_valid_labels(ray_session, s3, raw, remote) -> None:
     cfg = ExperimentConfig(
-        finetune=FinetuneConfig(label_ratio=0.25, missing_rate=0.4, protocol="frame", seed=1)
+        finetune=FinetuneConfig(label_ratio=0.25, seed=1),
+        missing=MissingConfig(rate=0.4, protocol="frame", seed=1),
     )
     specs = pipeline.finetune_specs(remote, cfg.finetune, s3.options)
     assert specs["test"].labeled_keys is None  # test keeps every label
@@ -111,7 +112,7 @@ def test_finetune_datasets_withhold_train_and_valid_labels(ray_session, s3, raw,
     assert abs(len(valid_keys) - 0.25 * n_valid) <= 3
     again = pipeline.finetune_specs(remote, cfg.finetune, s3.options)["valid"].labeled_keys
     assert np.array_equal(valid_keys, again)
-    other_seed = FinetuneConfig(label_ratio=0.25, missing_rate=0.4, protocol="frame", seed=2)
+    other_seed = FinetuneConfig(label_ratio=0.25, seed=2)
     moved = pipeline.finetune_specs(remote, other_seed, s3.options)["valid"].labeled_keys
     assert not np.array_equal(valid_keys, moved)
     full = pipeline.finetune_specs(remote, cfg.finetune, s3.options, valid_label_ratio=1.0)
@@ -141,7 +142,8 @@ def scaled(s3, raw) -> store.Manifest:
 
 
 def test_training_batches_are_normalised_per_feature(ray_session, s3, scaled) -> None:
-    cfg = ExperimentConfig()  # data.normalize defaults to True; pre-training hides nothing
+    # data.normalize defaults to True; nothing hidden, so every valid frame is seen
+    cfg = ExperimentConfig(missing=MissingConfig(rate=0.0))
     assert cfg.data.normalize
     assert min(scaled.normalization["audio"]["std"]) > 100  # the raw audio really is x1000
     got = _collect(pipeline.pretrain_datasets(scaled, cfg, s3.options)["train"])
@@ -154,7 +156,7 @@ def test_training_batches_are_normalised_per_feature(ray_session, s3, scaled) ->
 
 
 def test_normalize_false_gives_raw_values(ray_session, s3, scaled) -> None:
-    cfg = ExperimentConfig(data=DatasetConfig(normalize=False))
+    cfg = ExperimentConfig(data=DatasetConfig(normalize=False), missing=MissingConfig(rate=0.0))
     got = _by_index(
         _collect(pipeline.pretrain_datasets(scaled, cfg, s3.options)["valid"]),
         store.read_split(scaled, "valid", s3.options)["id"],
@@ -177,10 +179,12 @@ def test_cache_is_opt_in_equals_streaming_and_reseeds_block_order(
 ) -> None:
     """The cache holds decoded rows before any protocol: one cache serves every cell, gives
     the streamed batches exactly, and a new block order every epoch (the same ones per seed)."""
-    streaming = ExperimentConfig(finetune=FinetuneConfig(label_ratio=0.5, missing_rate=0.4))
+    streaming = ExperimentConfig(finetune=FinetuneConfig(label_ratio=0.5),
+                                 missing=MissingConfig(rate=0.4))
     assert streaming.data.cache_mb == 0 and streaming.data.prefetch_batches >= 2
     assert pipeline.SplitCache.build(remote, streaming, s3.options) is None  # opt-in
-    cfg = ExperimentConfig(data=DatasetConfig(cache_mb=64), finetune=streaming.finetune)
+    cfg = ExperimentConfig(data=DatasetConfig(cache_mb=64), finetune=streaming.finetune,
+                           missing=streaming.missing)
     cache = pipeline.SplitCache.build(remote, cfg, s3.options)
     assert cache is not None and set(cache.splits) == {"train", "valid"}
     assert cache.splits["train"].num_blocks() >= 6  # one per shard
@@ -195,8 +199,8 @@ def test_cache_is_opt_in_equals_streaming_and_reseeds_block_order(
             np.testing.assert_array_equal(got[k], v, err_msg=f"{split} {k}")
 
     # another cell (label ratio, missing rate) reads the same cached blocks
-    other = ExperimentConfig(data=cfg.data, finetune=FinetuneConfig(label_ratio=0.1,
-                                                                    missing_rate=0.0))
+    other = ExperimentConfig(data=cfg.data, finetune=FinetuneConfig(label_ratio=0.1),
+                             missing=MissingConfig(rate=0.0))
     got = _collect(pipeline.finetune_datasets(remote, other, s3.options, cache)["train"])
     spec = pipeline.finetune_specs(remote, other.finetune, s3.options)["train"]
     assert got["labeled"].sum() == len(spec.labeled_keys)

@@ -98,8 +98,7 @@ def test_modality_rate_above_reach_is_refused_with_the_maximum_named(split) -> N
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["finetune.missing_rate=0.7"],
-        ["pretrain.missing_rate=0.8"],
+        ["missing.rate=0.7"],
         ["tune.missing_rates=[0.5,0.7]"],
     ],
 )
@@ -108,7 +107,7 @@ def test_config_refuses_unreachable_rates(overrides) -> None:
 
     with pytest.raises(config_mod.ConfigError, match="not reachable"):
         config_mod.load(overrides=overrides)
-    frame_level = ["finetune.protocol=frame", "pretrain.protocol=frame"]
+    frame_level = ["missing.protocol=frame"]
     frame = config_mod.load(overrides=[*overrides, *frame_level])
     assert frame is not None
     assert max(config_mod.load().tune.missing_rates) <= config_mod.MAX_MODALITY_RATE

@@ -57,7 +57,7 @@ def test_pretrain_finetune_evaluate_on_s3(ray_cluster, s3):
     store.write_dataset(synth.generate("mosi", scale=0.05, aligned=True, seed=2), data_uri,
                         s3.options)
     pre_dir, ft_dir = s3.uri("train-e2e/runs/pre"), s3.uri("train-e2e/runs/ft")
-    common = ["finetune.missing_rate=0.3", "pretrain.missing_rate=0.3"]
+    common = ["missing.rate=0.3"]
 
     pre = run_stage("pretrain", tiny_config(
         data_uri, *common, "pretrain.epochs=2", "pretrain.workers=2"), pre_dir)
@@ -87,18 +87,19 @@ def test_pretrain_finetune_evaluate_on_s3(ray_cluster, s3):
 
 def test_pretrained_protocol_mismatch_is_refused(ray_cluster, local_data, tmp_path):
     pre_dir = str(tmp_path / "pre")
-    run_stage("pretrain", tiny_config(local_data, "pretrain.epochs=1"), pre_dir)
-    cfg = tiny_config(local_data, "finetune.missing_rate=0.5", f"finetune.pretrained={pre_dir}")
+    run_stage("pretrain", tiny_config(local_data, "pretrain.epochs=1", "missing.rate=0.0"),
+              pre_dir)
+    cfg = tiny_config(local_data, "missing.rate=0.5", f"finetune.pretrained={pre_dir}")
     with pytest.raises(ckpt.CheckpointError, match="visible in pre-training"):
         run_stage("finetune", cfg, str(tmp_path / "ft"))
     # an ablation the pre-trained model contradicts is refused, never silently dropped
     for ablation in ("model.propagation=intra", "model.fusion=early"):
         cfg = tiny_config(local_data, ablation, f"finetune.pretrained={pre_dir}",
-                          "finetune.missing_rate=0.0")
+                          "missing.rate=0.0")
         with pytest.raises(config_mod.ConfigError, match=f"{ablation.split('=')[0]}="):
             run_stage("finetune", cfg, str(tmp_path / "ft-ablation"))
     cfg = tiny_config(local_data, "data.normalize=false", f"finetune.pretrained={pre_dir}",
-                      "finetune.missing_rate=0.0")
+                      "missing.rate=0.0")
     with pytest.raises(ckpt.CheckpointError, match="data.normalize=True"):
         run_stage("finetune", cfg, str(tmp_path / "ft"))
 

@@ -98,8 +98,11 @@ def test_trial_config_takes_cell_and_sampled_values_exactly():
     base = config_mod.load(overrides=["finetune.pretrained=s3://b/pre_mr{missing_rate}"])
     values = {"label_ratio": 0.3, "missing_rate": 0.6, "tau": 0.61234567,
               "lambda_rec": 0.00123, "lr": 0.000234, "unlabeled_weight": 1.5}
-    ft = space.trial_config(base.to_dict(), values).finetune
-    assert {k: getattr(ft, k) for k in values} == values
+    trial = space.trial_config(base.to_dict(), values)
+    ft = trial.finetune
+    assert {k: getattr(ft, k) for k in values if k != "missing_rate"} == {
+        k: v for k, v in values.items() if k != "missing_rate"}
+    assert trial.missing.rate == values["missing_rate"]  # the cell's rate, for both stages
     assert ft.pretrained == "s3://b/pre_mr0.6"
     assert base.finetune.tau == config_mod.FinetuneConfig().tau  # the base is not modified
 

@@ -153,8 +153,8 @@ class CellSeed:
         out = [
             f"data.uri={self.data_uri}", *self.overrides, f"finetune.seed={self.seed}",
             f"pretrain.seed={self.seed}", f"finetune.label_ratio={self.label_ratio}",
-            f"finetune.missing_rate={self.missing_rate}",
-            f"pretrain.missing_rate={self.missing_rate}", f"finetune.workers={self.workers}",
+            f"missing.rate={self.missing_rate}", f"missing.seed={self.seed}",
+            f"finetune.workers={self.workers}",
             f"pretrain.workers={self.workers}",
         ]
         if self.epochs is not None:
@@ -185,7 +185,7 @@ class CellSeed:
         """The peers on the protocol the ``sslmm`` variant's fine-tuning config defines."""
         cfg = config_mod.load(overrides=self.common())
         manifest = store.open_dataset(self.data_uri)
-        return peers_mod.run(manifest, cfg.finetune, self.seed, names)
+        return peers_mod.run(manifest, cfg.finetune, self.seed, names, missing=cfg.missing)
 
 
 def run(

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from sslmm_ray.config import MODALITIES, FinetuneConfig
+from sslmm_ray.config import MODALITIES, FinetuneConfig, MissingConfig
 from sslmm_ray.data import pipeline, protocols, store
 from sslmm_ray.data.store import Manifest
 from sslmm_ray.metrics import compute_metrics, dataset_family
@@ -77,9 +77,11 @@ def load_splits(
     ft: FinetuneConfig,
     options: StorageOptions | None = None,
     splits: tuple[str, ...] = ("train", "test"),
+    *,
+    missing: MissingConfig | None = None,
 ) -> dict[str, Split]:
     """Read splits from the store and apply the fine-tuning protocol specs, unchanged."""
-    specs = pipeline.finetune_specs(manifest, ft, options)
+    specs = pipeline.finetune_specs(manifest, ft, options, missing=missing)
     out = {}
     for split in splits:
         rows = store.read_split(manifest, split, options)
@@ -171,12 +173,15 @@ def run(
     seed: int,
     names: tuple[str, ...] | list[str] = PEERS,
     options: StorageOptions | None = None,
+    *,
+    missing: MissingConfig | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every named peer's test metrics for one (cell, seed), as ``ft`` defines the cell."""
+    """Every named peer's test metrics for one (cell, seed), as ``ft`` and ``missing``
+    define the cell."""
     unknown = [n for n in names if n not in PEERS]
     if unknown:
         raise ValueError(f"unknown peers {unknown}; choose from {PEERS}")
-    data = load_splits(manifest, ft, options)
+    data = load_splits(manifest, ft, options, missing=missing)
     family = dataset_family(manifest.family)
     out = {}
     for name in names:

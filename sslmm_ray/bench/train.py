@@ -260,7 +260,7 @@ def _plain_loop(
 ) -> float:
     """Samples/s of the same training step over in-memory tensors, one process."""
     manifest = store.open_dataset(data_uri, options)
-    specs = pipeline.finetune_specs(manifest, cfg.finetune, options)
+    specs = pipeline.finetune_specs(manifest, cfg.finetune, options, missing=cfg.missing)
     norm = normalizer_for(manifest, cfg.data.normalize)  # as the Ray side decodes
     arrays = protocols.apply(store.read_split(manifest, "train", options, norm=norm),
                              specs["train"])
@@ -338,7 +338,7 @@ def _throughput(*, scale: float, epochs: int, seed: int, s3_uri: str | None) -> 
             store.write_dataset(raw, data_uri, options)
             cfg = config_mod.load(overrides=[
                 f"data.uri={data_uri}", f"finetune.epochs={epochs}", "finetune.label_ratio=0.5",
-                "finetune.missing_rate=0.5", "finetune.cpus_per_worker=1",
+                "missing.rate=0.5", "finetune.cpus_per_worker=1",
                 f"finetune.seed={seed}",
                 *([f"data.s3_endpoint={options.endpoint}"] if options.endpoint else []),
             ])

@@ -135,7 +135,10 @@ Epochs = Annotated[int | None, typer.Option(help="Training epochs.")]
 MaxFailures = Annotated[int | None, typer.Option(
     help="Restarts of a failed worker group from its latest checkpoint (default 0; "
          "SSLMM_MAX_FAILURES changes it: the cluster jobs set 3).")]
-Seed = Annotated[int | None, typer.Option(help="Seed for splits, masks and initialisation.")]
+Seed = Annotated[int | None, typer.Option(
+    help="Training seed: initialisation, batch order and the labeled rows.")]
+MaskSeed = Annotated[int | None, typer.Option(
+    help="Seed of the missing-modality masks (missing.seed; not the training seed).")]
 BreakLock = Annotated[bool, typer.Option(
     "--break-lock", help="Take over the lock of a writer that is gone (its error names it).")]
 AllowConfigChange = Annotated[bool, typer.Option(

@@ -15,6 +15,7 @@ from sslmm_ray.cli.app import (
     Epochs,
     Gpus,
     JsonFlag,
+    MaskSeed,
     MaxFailures,
     Overrides,
     Precision,
@@ -38,6 +39,7 @@ def pretrain(
     missing_rate: Annotated[float | None, typer.Option(
         help="Missing-modality rate of the data (as the fine-tuning will see it).")] = None,
     protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
+    mask_seed: MaskSeed = None,
     workers: Workers = None,
     gpus: Gpus = None,
     precision: Precision = None,
@@ -57,10 +59,11 @@ def pretrain(
     cfg = build_config(
         config, overrides,
         data={"uri": data, "s3_endpoint": s3_endpoint},
+        missing={"rate": missing_rate, "protocol": protocol.value if protocol else None,
+                 "seed": mask_seed},
         pretrain={"workers": workers, "gpus": gpus, "epochs": epochs,
                   "precision": precision.value if precision else None,
-                  "max_failures": max_failures, "seed": seed, "missing_rate": missing_rate,
-                  "protocol": protocol.value if protocol else None},
+                  "max_failures": max_failures, "seed": seed},
     )
     result = run_stage("pretrain", cfg, run_dir, allow_config_change=allow_config_change,
                        break_lock=break_lock)
@@ -77,6 +80,7 @@ def finetune(
     ] = None,
     missing_rate: Annotated[float | None, typer.Option(help="Missing-modality rate.")] = None,
     protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
+    mask_seed: MaskSeed = None,
     pretrained: Annotated[str | None, typer.Option(
         help="Pre-training checkpoint or run directory.")] = None,
     tau: Annotated[float | None, typer.Option(help="Pseudo-label confidence threshold.")] = None,
@@ -108,9 +112,10 @@ def finetune(
         config, overrides,
         data={"uri": data, "s3_endpoint": s3_endpoint},
         model={"propagation": propagation, "fusion": fusion},
+        missing={"rate": missing_rate, "protocol": protocol.value if protocol else None,
+                 "seed": mask_seed},
         finetune={
-            "label_ratio": label_ratio, "missing_rate": missing_rate,
-            "protocol": protocol.value if protocol else None, "pretrained": pretrained,
+            "label_ratio": label_ratio, "pretrained": pretrained,
             "tau": tau, "lambda_rec": lambda_rec, "pseudo_labels": pseudo_labels,
             "reconstruction": reconstruction, "workers": workers, "gpus": gpus,
             "precision": precision.value if precision else None, "epochs": epochs,
@@ -134,7 +139,9 @@ def evaluate(
     missing_rate: Annotated[float | None, typer.Option(
         help="Test missing rate (default: the one the checkpoint trained under).")] = None,
     protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
-    seed: Seed = None,
+    seed: Annotated[int | None, typer.Option(
+        "--mask-seed", "--seed",
+        help="Seed of the masks (default: the one the checkpoint trained under).")] = None,
     curve: Annotated[bool, typer.Option(
         "--curve", help="Evaluate test missing rates 0.0 to 0.9: JSON + PNG robustness curve.")
     ] = False,
@@ -193,7 +200,8 @@ def predict(
         help="Hide modalities on top of what the data lacks (default: nothing).")] = 0.0,
     protocol: Annotated[ProtocolChoice, typer.Option(help="Missingness protocol.")] = (
         ProtocolChoice.modality),
-    seed: Annotated[int, typer.Option(help="Seed of the missingness masks.")] = 0,
+    seed: Annotated[int, typer.Option(
+        "--mask-seed", "--seed", help="Seed of the missingness masks.")] = 0,
     concurrency: Annotated[int, typer.Option(help="Ray Data actors running the model.")] = 1,
     s3_endpoint: S3Endpoint = None,
     as_json: JsonFlag = False,

@@ -66,7 +66,8 @@ def tune(
     cfg = build_config(
         config, overrides,
         data={"uri": data, "s3_endpoint": s3_endpoint},
-        finetune={"protocol": protocol.value if protocol else None, "pretrained": pretrained,
+        missing={"protocol": protocol.value if protocol else None},
+        finetune={"pretrained": pretrained,
                   "epochs": epochs, "gpus": gpus,
                   "precision": precision.value if precision else None},
         tune={

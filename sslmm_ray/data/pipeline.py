@@ -35,7 +35,7 @@ import ray.data
 from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
 
 from sslmm_ray import storage
-from sslmm_ray.config import ExperimentConfig, FinetuneConfig
+from sslmm_ray.config import ExperimentConfig, FinetuneConfig, MissingConfig
 from sslmm_ray.data import protocols
 from sslmm_ray.data.normalize import Normalizer, normalizer_for
 from sslmm_ray.data.sources import DataError
@@ -252,24 +252,28 @@ def labeled_split_keys(
     return protocols.labeled_keys(ids, labels, ratio, seed)
 
 
+def missing_spec(missing: MissingConfig) -> dict[str, Any]:
+    """The :class:`~sslmm_ray.data.protocols.ProtocolSpec` fields of a missingness setting."""
+    return {"missing_rate": missing.rate, "protocol": missing.protocol, "seed": missing.seed}
+
+
 def finetune_specs(
     manifest: Manifest,
     ft: FinetuneConfig,
     options: StorageOptions | None = None,
     *,
+    missing: MissingConfig | None = None,
     valid_label_ratio: float | None = None,
 ) -> dict[str, protocols.ProtocolSpec]:
     """Per split: the same missingness everywhere; labels withheld on train and on valid.
 
+    The labeled rows follow the fine-tuning seed, the masks ``missing`` (its own seed; None:
+    the default setting).
     Validation keeps ``valid_label_ratio`` of its labels (None: the training label ratio), so
     model selection sees as many labels as such an experiment would really have. The
     validation draw uses its own stream of the seed; test is always fully labeled.
     """
-    common: dict[str, Any] = {
-        "missing_rate": ft.missing_rate,
-        "protocol": ft.protocol,
-        "seed": ft.seed,
-    }
+    common = missing_spec(missing or MissingConfig())
     valid_ratio = ft.label_ratio if valid_label_ratio is None else valid_label_ratio
     train = labeled_split_keys(manifest, "train", ft.label_ratio, ft.seed, options)
     valid = labeled_split_keys(manifest, "valid", valid_ratio, ft.seed + VALID_SEED_OFFSET,
@@ -368,7 +372,7 @@ def finetune_datasets(
     options: StorageOptions | None = None,
     cache: SplitCache | None = None,
 ) -> dict[str, ray.data.Dataset]:
-    specs = finetune_specs(manifest, cfg.finetune, options,
+    specs = finetune_specs(manifest, cfg.finetune, options, missing=cfg.missing,
                            valid_label_ratio=cfg.data.valid_label_ratio)
     return _training_datasets(manifest, cfg, specs, cfg.finetune.seed, options, cache)
 
@@ -381,11 +385,6 @@ def pretrain_datasets(
 ) -> dict[str, ray.data.Dataset]:
     """All training rows under the missing-data protocol; every label withheld."""
     pre = cfg.pretrain
-    spec = protocols.ProtocolSpec(
-        missing_rate=pre.missing_rate,
-        protocol=pre.protocol,
-        seed=pre.seed,
-        labeled_keys=np.zeros(0, np.uint64),
-    )
+    spec = protocols.ProtocolSpec(**missing_spec(cfg.missing), labeled_keys=np.zeros(0, np.uint64))
     specs = dict.fromkeys(TRAINING_SPLITS, spec)
     return _training_datasets(manifest, cfg, specs, pre.seed, options, cache)

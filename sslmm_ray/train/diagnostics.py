@@ -37,8 +37,7 @@ def pseudo_label_report(
     if labeled is None:
         return {"run_dir": run_dir, "unlabeled": 0, "label_ratio": ft.label_ratio}
     # Every label visible: this is the offline scorer, not training.
-    spec = protocols.ProtocolSpec(missing_rate=ft.missing_rate, protocol=ft.protocol,
-                                  seed=ft.seed)
+    spec = protocols.ProtocolSpec(**pipeline.missing_spec(cfg.missing))
     ds = pipeline.split_dataset(manifest, "train", spec, options, normalize=meta.normalize)
     lo, hi = manifest.label_range
     generator = torch.Generator().manual_seed(ft.seed)

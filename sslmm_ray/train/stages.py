@@ -87,10 +87,8 @@ class Stage:
         raise NotImplementedError
 
     def protocol(self, cfg: ExperimentConfig) -> dict[str, Any]:
-        """What the data hid in training (recorded in every checkpoint)."""
-        scfg = self.config(cfg)
-        return {"missing_rate": scfg.missing_rate, "protocol": scfg.protocol,
-                "seed": scfg.seed}
+        """What the data hid in training (recorded in every checkpoint): ``cfg.missing``."""
+        return pipeline.missing_spec(cfg.missing)
 
     def selection(self, cfg: ExperimentConfig, family: str) -> tuple[str, str]:
         """(reported metric, "min" | "max") that picks the best checkpoint."""
@@ -232,7 +230,7 @@ def with_pretrained_model(
         raise ckpt.CheckpointError(
             f"--pretrained {uri} was trained on data under {seen}, but fine-tuning hides "
             f"{wanted}: modalities hidden now were visible in pre-training. Pre-train with "
-            "the same --missing-rate, --protocol and --seed."
+            "the same --missing-rate, --protocol and --mask-seed."
         )
     if meta.normalize != cfg.data.normalize:
         raise ckpt.CheckpointError(

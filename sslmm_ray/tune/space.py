@@ -89,11 +89,13 @@ def trial_config(
     """The trial's full config: the sweep's base config with the cell and sampled values set."""
     data = base.to_dict() if isinstance(base, ExperimentConfig) else dict(base)
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    ft = data["finetune"]
-    for key in (*CONSTANTS, *SEARCHED):
+    ft, missing = data["finetune"], data["missing"]
+    for key in ("label_ratio", *SEARCHED):
         if key in values:
             ft[key] = values[key]
-    ft["pretrained"] = cell_pretrained(ft.get("pretrained"), ft["label_ratio"], ft["missing_rate"])
+    if "missing_rate" in values:
+        missing["rate"] = values["missing_rate"]
+    ft["pretrained"] = cell_pretrained(ft.get("pretrained"), ft["label_ratio"], missing["rate"])
     return from_dict(data, "tune trial")
 
 

@@ -418,9 +418,9 @@ def run_baseline(
     metrics_uri = RunDir(run_dir).metrics
     if not storage.exists(metrics_uri, options):
         data = cfg.to_dict()
+        data["missing"]["rate"] = cell.missing_rate
         data["finetune"].update(
             label_ratio=cell.label_ratio,
-            missing_rate=cell.missing_rate,
             pseudo_labels=False,
             reconstruction=False,
             pretrained=space.cell_pretrained(
