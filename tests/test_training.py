@@ -278,9 +278,16 @@ def test_bf16_autocast_step_on_cpu():
         assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def test_corrupt_and_incompatible_checkpoints_are_clear_errors(ray_cluster, local_data, tmp_path):
-    run_dir = tmp_path / "ft"
+@pytest.fixture(scope="module")
+def finetuned(ray_cluster, local_data, tmp_path_factory) -> Path:
+    """One finished 1-epoch fine-tuning run, only read by the tests that use it."""
+    run_dir = tmp_path_factory.mktemp("finetuned") / "ft"
     run_stage("finetune", tiny_config(local_data, "finetune.epochs=1"), str(run_dir))
+    return run_dir
+
+
+def test_corrupt_and_incompatible_checkpoints_are_clear_errors(finetuned, local_data, tmp_path):
+    run_dir = finetuned
     best = Path(json.loads((run_dir / "best.json").read_text())["checkpoint"])
 
     corrupt = tmp_path / "corrupt"
@@ -322,14 +329,13 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(ray_cluster, loca
     assert "corrupt checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_predict_and_robustness_curve(ray_cluster, local_data, tmp_path):
+def test_predict_and_robustness_curve(finetuned, local_data, tmp_path):
     import pyarrow.parquet as pq
 
     from sslmm_ray.train.evaluate import CURVE_RATES, robustness_curve
     from sslmm_ray.train.predict import SUCCESS, predict
 
-    run_dir = str(tmp_path / "ft")
-    run_stage("finetune", tiny_config(local_data, "finetune.epochs=1"), run_dir)
+    run_dir = str(finetuned)
     manifest = store.open_dataset(local_data)
 
     out = tmp_path / "pred"
