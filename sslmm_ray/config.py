@@ -102,9 +102,12 @@ class MissingConfig:
     pre-training run serves fine-tuning runs of any seed under the same missingness.
     """
 
-    rate: OpenProb = 0.5
-    protocol: Protocol = "modality"
-    seed: Seed = 0
+    rate: Annotated[OpenProb, Field(description=(
+        "Fraction of (sample, modality) pairs hidden (modality-level: at most 2/3)."))] = 0.5
+    protocol: Annotated[Protocol, Field(description=(
+        "What is hidden: whole modalities per sample, or frames."))] = "modality"
+    seed: Annotated[Seed, Field(description=(
+        "Seed of the missing-modality masks (not the training seed)."))] = 0
 
     @model_validator(mode="after")
     def _reachable(self) -> MissingConfig:
@@ -124,32 +127,41 @@ class ModelConfig:
     edges: Literal["full", "windowed"] = "full"
     window: PosInt = 1
     backend: Literal["auto", "sparse", "dense"] = "auto"
-    propagation: Literal["alternating", "intra", "inter"] = "alternating"
+    propagation: Annotated[Literal["alternating", "intra", "inter"], Field(description=(
+        "Message passing: alternating intra/inter-modal, or one kind only (an ablation)."))] = (
+        "alternating")
     # Per-modality readout: attention pooling plus a linear map of the K ordered segment
     # states ("segments"), or attention pooling alone ("attention"; order-blind).
     readout: Literal["segments", "attention"] = "segments"
-    fusion: Literal["graph", "early"] = "graph"
+    fusion: Annotated[Literal["graph", "early"], Field(description=(
+        "graph: the segment graph; early: an MLP on concatenated modalities (a baseline)."))] = (
+        "graph")
 
 
 @dataclass(config=_STRICT)
 class TrainingConfig:
     """What both training stages share: optimisation, scale, checkpoints."""
 
-    epochs: PosInt = 10
+    epochs: Annotated[PosInt, Field(description="Training epochs.")] = 10
     batch_size: PosInt = 32
     lr: LearningRate = 1e-3
     weight_decay: NonNegFloat = 1e-4
     grad_clip: NonNegFloat = 1.0
-    workers: PosInt = 1
+    workers: Annotated[PosInt, Field(description="Ray Train workers (DDP).")] = 1
     cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
-    gpus: bool = False
+    gpus: Annotated[bool, Field(description="One GPU per worker (nccl).")] = False
     # bf16: the forward and the loss run under torch.autocast (bfloat16; on CPU too), the
     # backward, optimizer, EMA teacher and validation in float32. No loss scaling is needed
     # (bfloat16 has float32's exponent range). For GPUs with bf16 tensor cores.
-    precision: Literal["fp32", "bf16"] = "fp32"
-    max_failures: MaxFailures = 0
+    precision: Annotated[Literal["fp32", "bf16"], Field(description=(
+        "Forward and loss arithmetic: fp32, or bf16 autocast (GPUs with bf16; runs on CPU "
+        "too)."))] = "fp32"
+    max_failures: Annotated[MaxFailures, Field(description=(
+        "Restarts of a failed worker group from its latest checkpoint (SSLMM_MAX_FAILURES "
+        "changes the default; the cluster jobs set 3)."))] = 0
     patience: Annotated[int, Field(ge=0)] = 0
-    seed: Seed = 0
+    seed: Annotated[Seed, Field(description=(
+        "Training seed: initialisation, batch order and the labeled rows."))] = 0
 
 
 @dataclass(config=_STRICT)
@@ -175,12 +187,13 @@ class FinetuneConfig(TrainingConfig):
     # set from 69.6 to 80.8); on digits (label ratio 0.5, missing 0.5, seed 0) 30 epochs gave
     # 0.839 where 10 gave 0.794.
     epochs: PosInt = 30
-    label_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    label_ratio: Annotated[float, Field(gt=0.0, le=1.0, description=(
+        "Fraction of training rows whose label is kept (stratified by sign)."))] = 0.5
     # FixMatch's threshold. On digits (label ratio 0.1, missing 0.5, seed 0) the pseudo-labels
     # kept at 0.8 were 18% wrong in sign (0.82 accurate on 24% of the unlabeled rows) and cost
     # 2-4 points; 0.95 keeps only views that agree far from neutral.
-    tau: Prob = 0.95
-    lambda_rec: NonNegFloat = 0.1
+    tau: Annotated[Prob, Field(description="Pseudo-label confidence threshold.")] = 0.95
+    lambda_rec: Annotated[NonNegFloat, Field(description="Reconstruction loss weight.")] = 0.1
     unlabeled_weight: NonNegFloat = 1.0
     rampup_epochs: Annotated[int, Field(ge=0)] = 3
     ema_decay: Prob = 0.99
@@ -197,9 +210,12 @@ class FinetuneConfig(TrainingConfig):
     # answering from the data, 0.753 from the dropped view.
     pseudo_view: Literal["data", "dropped"] = "dropped"
     drop_prob: Prob = 0.3
-    pseudo_labels: bool = True
-    reconstruction: bool = True
-    pretrained: str | None = None
+    pseudo_labels: Annotated[bool, Field(description=(
+        "Pseudo-label loss on unlabeled rows (off: an ablation)."))] = True
+    reconstruction: Annotated[bool, Field(description=(
+        "Reconstruction of dropped modalities (off: an ablation)."))] = True
+    pretrained: Annotated[str | None, Field(description=(
+        "Pre-training checkpoint or run directory to start from."))] = None
     # Validation metric that picks the checkpoint (and scores Optuna trials): MAE uses every
     # labeled validation row's error, where a binary accuracy on a small split moves in steps
     # of one sample. "headline" is Non0_acc_2 (MOSI, MOSEI) or Mult_acc_2 (SIMS).
@@ -210,21 +226,24 @@ class FinetuneConfig(TrainingConfig):
 class SweepConfig:
     """The (label ratio x missing rate) grid and the search inside each cell."""
 
-    label_ratios: list[Annotated[float, Field(gt=0.0, le=1.0)]] = dataclasses.field(
+    label_ratios: Annotated[list[Annotated[float, Field(gt=0.0, le=1.0)]], Field(
+        description="Label ratios of the grid.")] = dataclasses.field(
         default_factory=lambda: [0.1, 0.3, 0.5, 0.7]
     )
     # Reachable under both protocols (modality-level tops out at 2/3).
-    missing_rates: list[OpenProb] = dataclasses.field(
-        default_factory=lambda: [0.0, 0.3, 0.5, 0.6]
-    )
-    samples: PosInt = 8
-    concurrency: PosInt = 1
-    workers_per_trial: PosInt = 1
-    asha: bool = False
-    seed: Seed = 0
+    missing_rates: Annotated[list[OpenProb], Field(description=(
+        "Missing rates of the grid (modality-level: <= 2/3).")),
+    ] = dataclasses.field(default_factory=lambda: [0.0, 0.3, 0.5, 0.6])
+    samples: Annotated[PosInt, Field(description="Trials per cell.")] = 8
+    concurrency: Annotated[PosInt, Field(description="Trials running at once.")] = 1
+    workers_per_trial: Annotated[PosInt, Field(description=(
+        "Ray Train workers of each trial."))] = 1
+    asha: Annotated[bool, Field(description="ASHA early stopping over epochs.")] = False
+    seed: Annotated[Seed, Field(description="Searcher (TPE) seed.")] = 0
     # Tune restarts of a failed trial (its Train run resumes from its latest checkpoint); a
     # cell with a trial still errored after them is not recorded as done.
-    max_failures: MaxFailures = 0
+    max_failures: Annotated[MaxFailures, Field(description=(
+        "Restarts of a failed trial (SSLMM_MAX_FAILURES changes the default)."))] = 0
 
 
 @dataclass(config=_STRICT)
@@ -263,6 +282,18 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
     return f"invalid configuration ({source}): " + "; ".join(lines)
+
+
+def describe(dotted: str) -> str:
+    """A config field's description and default, for the command line's help: each setting is
+    documented once, on its field (inherited fields are looked up on the base section)."""
+    section, key = dotted.split(".")
+    cls = ExperimentConfig.__pydantic_fields__[section].annotation
+    info = next(c.__pydantic_fields__[key] for c in cls.__mro__
+                if key in getattr(c, "__pydantic_fields__", {})
+                and c.__pydantic_fields__[key].description)
+    default = cls.__pydantic_fields__[key].get_default(call_default_factory=True)
+    return f"{info.description} (config {dotted}, default {default})"
 
 
 #: Keys of earlier versions that moved into the ``missing`` section.

@@ -162,3 +162,21 @@ def test_missingness_is_one_section_with_its_own_seed():
     for old in ("finetune.missing_rate=0.3", "pretrain.protocol=frame"):
         with pytest.raises(ConfigError, match=r"is now 'missing\."):
             config.load(overrides=[old])
+
+
+def test_cli_help_is_derived_from_the_config_fields():
+    """Each setting is documented once, on its field; the command line shows that text and
+    the field's default."""
+    from typer.testing import CliRunner
+
+    from sslmm_ray.cli import app
+
+    assert config.describe("finetune.tau") == (
+        "Pseudo-label confidence threshold. (config finetune.tau, default 0.95)")
+    assert "default 20" in config.describe("pretrain.epochs")  # the stage's own default
+    assert config.describe("pretrain.seed") == config.describe("finetune.seed").replace(
+        "finetune", "pretrain")  # inherited description, documented once
+    shown = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "250"}).output
+    for key in ("finetune.tau", "finetune.lambda_rec", "missing.rate", "missing.seed",
+                "finetune.epochs", "model.fusion"):
+        assert config.describe(key) in shown, key

@@ -1,4 +1,5 @@
-"""The two training stages on a real local Ray: S3 storage, resume, fault tolerance, DDP."""
+"""The two training stages on a real local Ray: resume, fault tolerance, DDP (the S3
+end to end runs on several nodes in test_multinode.py)."""
 
 from __future__ import annotations
 
@@ -50,39 +51,6 @@ def epochs_done(run_dir: str) -> list[int]:
         return [int(h["epoch"]) for h in RunLog.read(run_dir, storage.StorageOptions())]
     except Exception:
         return []
-
-
-def test_pretrain_finetune_evaluate_on_s3(ray_cluster, s3):
-    data_uri = s3.uri("train-e2e/data")
-    store.write_dataset(synth.generate("mosi", scale=0.05, aligned=True, seed=2), data_uri,
-                        s3.options)
-    pre_dir, ft_dir = s3.uri("train-e2e/runs/pre"), s3.uri("train-e2e/runs/ft")
-    common = ["missing.rate=0.3"]
-
-    pre = run_stage("pretrain", tiny_config(
-        data_uri, *common, "pretrain.epochs=2", "pretrain.workers=2"), pre_dir)
-    assert pre.checkpoint.startswith(pre_dir) and "valid_loss" in pre.best
-
-    ft = run_stage("finetune", tiny_config(
-        data_uri, *common, "finetune.epochs=2", "finetune.workers=2",
-        f"finetune.pretrained={pre_dir}"), ft_dir)
-    assert ft.test is not None and 0.0 <= ft.test["Non0_acc_2"] <= 1.0
-
-    keys = {o["Key"] for o in s3.client.list_objects_v2(
-        Bucket=s3.bucket, Prefix="train-e2e/runs/")["Contents"]}
-    for run in ("pre", "ft"):
-        for name in ("config.json", "best.json", "metrics.json", "history.json"):
-            assert f"train-e2e/runs/{run}/{name}" in keys, (run, name, sorted(keys))
-        assert any(k.startswith(f"train-e2e/runs/{run}/checkpoint_") and k.endswith("state.pt")
-                   for k in keys)
-        assert any(f"train-e2e/runs/{run}/tensorboard/events" in k for k in keys)
-
-    # fine-tuning really started from the pre-training weights' architecture and protocol
-    saved = storage.read_json(storage.join(ft_dir, "config.json"), s3.options)
-    assert saved["finetune"]["pretrained"] == pre_dir
-    assert ckpt.load(ft.checkpoint, s3.options)[0].normalize  # trained on normalised features
-    again = evaluate_checkpoint(ft_dir, data_uri, s3.options)
-    assert again == pytest.approx(ft.test, abs=1e-6)
 
 
 def test_pretrained_protocol_mismatch_is_refused(ray_cluster, local_data, tmp_path):

@@ -119,26 +119,16 @@ def emit(result: Any, as_json: bool, table: Table | None = None) -> None:
         out.print(result)
 
 
-Workers = Annotated[int | None, typer.Option(help="Ray Train workers (DDP).")]
-Gpus = Annotated[bool | None, typer.Option("--gpus/--no-gpus", help="One GPU per worker (nccl).")]
+def config_option(dotted: str, *flags: str) -> Any:
+    """A typer option for a config field, its help taken from the field's description (each
+    setting is documented once, in :mod:`sslmm_ray.config`)."""
+    return typer.Option(*flags, help=config_mod.describe(dotted))
 
 
 class PrecisionChoice(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
 
-
-Precision = Annotated[PrecisionChoice | None, typer.Option(
-    help="Forward and loss arithmetic: fp32, or bf16 autocast (for GPUs with bf16; runs on "
-         "CPU too).")]
-Epochs = Annotated[int | None, typer.Option(help="Training epochs.")]
-MaxFailures = Annotated[int | None, typer.Option(
-    help="Restarts of a failed worker group from its latest checkpoint (default 0; "
-         "SSLMM_MAX_FAILURES changes it: the cluster jobs set 3).")]
-Seed = Annotated[int | None, typer.Option(
-    help="Training seed: initialisation, batch order and the labeled rows.")]
-MaskSeed = Annotated[int | None, typer.Option(
-    help="Seed of the missing-modality masks (missing.seed; not the training seed).")]
 BreakLock = Annotated[bool, typer.Option(
     "--break-lock", help="Take over the lock of a writer that is gone (its error names it).")]
 AllowConfigChange = Annotated[bool, typer.Option(

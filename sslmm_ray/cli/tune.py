@@ -11,14 +11,14 @@ from rich.table import Table
 from sslmm_ray.cli.app import (
     BreakLock,
     ConfigFile,
-    Epochs,
     JsonFlag,
     Overrides,
-    Precision,
+    PrecisionChoice,
     ProtocolChoice,
     S3Endpoint,
     app,
     build_config,
+    config_option,
     emit,
     float_list,
     out,
@@ -35,25 +35,22 @@ def tune(
     missing_rates: Annotated[str | None, typer.Option(
         help="Comma-separated missing rates, e.g. 0.0,0.3,0.5,0.6 (modality-level: <= 2/3).")
     ] = None,
-    protocol: Annotated[ProtocolChoice | None, typer.Option(help="Missingness protocol.")] = None,
-    samples: Annotated[int | None, typer.Option(help="Trials per cell.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Trials running at once.")] = None,
-    workers_per_trial: Annotated[int | None, typer.Option(
-        help="Ray Train workers of each trial.")] = None,
+    protocol: Annotated[ProtocolChoice | None, config_option("missing.protocol")] = None,
+    samples: Annotated[int | None, config_option("tune.samples")] = None,
+    concurrency: Annotated[int | None, config_option("tune.concurrency")] = None,
+    workers_per_trial: Annotated[int | None, config_option("tune.workers_per_trial")] = None,
     gpus: Annotated[bool | None, typer.Option(
         "--gpus/--no-gpus", help="One GPU per trial worker (nccl); the cluster needs "
         "concurrency x workers-per-trial GPUs.")] = None,
-    precision: Precision = None,
+    precision: Annotated[PrecisionChoice | None, config_option("finetune.precision")] = None,
     pretrained: Annotated[str | None, typer.Option(
         help="Pre-training checkpoint or run dir; may contain {missing_rate}.")] = None,
-    epochs: Epochs = None,
-    asha: Annotated[bool | None, typer.Option("--asha/--no-asha",
-                                              help="ASHA early stopping over epochs.")] = None,
+    epochs: Annotated[int | None, config_option("finetune.epochs")] = None,
+    asha: Annotated[bool | None, config_option("tune.asha", "--asha/--no-asha")] = None,
     baseline: Annotated[bool, typer.Option(
         "--baseline", help="Also run each cell's supervised-only baseline.")] = False,
-    seed: Annotated[int | None, typer.Option(help="Searcher (TPE) seed.")] = None,
-    max_failures: Annotated[int | None, typer.Option(
-        help="Restarts of a failed trial (default 0; SSLMM_MAX_FAILURES changes it).")] = None,
+    seed: Annotated[int | None, config_option("tune.seed")] = None,
+    max_failures: Annotated[int | None, config_option("tune.max_failures")] = None,
     config: ConfigFile = None,
     overrides: Overrides = None,
     s3_endpoint: S3Endpoint = None,
