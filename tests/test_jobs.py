@@ -217,13 +217,27 @@ def _exists(s3: S3Server, key: str) -> bool:
     return any(o["Key"] == key for o in listing.get("Contents", []))
 
 
-def test_finetune_job_succeeds_and_writes_metrics_to_s3(cluster: Cluster):
-    run_uri = cluster.s3.uri("runs/finetune")
+@pytest.fixture(scope="module")
+def long_jobs(cluster: Cluster) -> Cluster:
+    """The fine-tuning and sweep jobs, submitted together: they run side by side on the
+    cluster (as a team's jobs would) while the tests follow them one at a time."""
     cluster.submit(
         "sslmm-finetune", "python", "jobs/finetune.py", "--data", cluster.data_uri,
-        "--run-dir", run_uri, "--epochs", "1", "--workers", "1", "--label-ratio", "0.5",
-        "--missing-rate", "0.5",
+        "--run-dir", cluster.s3.uri("runs/finetune"), "--epochs", "1", "--workers", "1",
+        "--label-ratio", "0.5", "--missing-rate", "0.5",
     )
+    # The sweep entry point on a 1-cell grid, one 1-epoch trial: tune, then the report.
+    cluster.submit(
+        "sslmm-sweep", "python", "jobs/sweep.py", "--data", cluster.data_uri,
+        "--storage", cluster.s3.uri("sweeps/tiny"), "--label-ratios", "0.5",
+        "--missing-rates", "0.5", "--samples", "1", "--concurrency", "1",
+        "--workers-per-trial", "1", "--epochs", "1",
+    )
+    return cluster
+
+
+def test_finetune_job_succeeds_and_writes_metrics_to_s3(long_jobs: Cluster):
+    cluster = long_jobs
     status, logs = cluster.follow("sslmm-finetune")
     assert status == "SUCCEEDED", logs[-5000:]
     assert "Non0_acc_2" in logs  # the CLI's test-metrics table reached the job logs
@@ -246,14 +260,8 @@ def test_bad_argument_fails_fast_with_a_clear_message(cluster: Cluster):
     assert not _exists(cluster.s3, "runs/bad/metrics.json")
 
 
-def test_sweep_job_writes_its_report_to_s3(cluster: Cluster):
-    """The sweep entry point on a 1-cell grid, one 1-epoch trial: tune, then the report."""
-    storage = cluster.s3.uri("sweeps/tiny")
-    cluster.submit(
-        "sslmm-sweep", "python", "jobs/sweep.py", "--data", cluster.data_uri,
-        "--storage", storage, "--label-ratios", "0.5", "--missing-rates", "0.5",
-        "--samples", "1", "--concurrency", "1", "--workers-per-trial", "1", "--epochs", "1",
-    )
+def test_sweep_job_writes_its_report_to_s3(long_jobs: Cluster):
+    cluster = long_jobs
     status, logs = cluster.follow("sslmm-sweep")
     assert status == "SUCCEEDED", logs[-5000:]
     assert _exists(cluster.s3, "sweeps/tiny/report/report.md"), logs[-3000:]
