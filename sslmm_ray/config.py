@@ -244,6 +244,10 @@ class SweepConfig:
     # cell with a trial still errored after them is not recorded as done.
     max_failures: Annotated[MaxFailures, Field(description=(
         "Restarts of a failed trial (SSLMM_MAX_FAILURES changes the default)."))] = 0
+    optuna_storage: Annotated[str | None, Field(description=(
+        "Where each cell's Optuna study is kept, for optuna-dashboard and optuna.load_study: "
+        "an RDB URL (sqlite:///path.db, postgresql://...) or a journal file path. Default: "
+        "optuna.journal in a local sweep's folder; none (in memory) for an s3:// sweep."))] = None
 
 
 @dataclass(config=_STRICT)

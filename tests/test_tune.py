@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from typer.testing import CliRunner
 
@@ -137,10 +138,13 @@ def test_tune_gpus_are_the_trial_workers_gpus(ray_cluster, tmp_path):
 
 def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_data, s3, tmp_path):
     sweep_uri = s3.uri("tune/grid")
+    studies = f"sqlite:///{tmp_path / 'optuna.db'}"  # an s3:// sweep names an RDB
     printed = invoke(
         "tune", "--data", tiny_data, "--storage", sweep_uri, "--label-ratios", "0.3,0.7",
-        "--missing-rates", "0.5", "--concurrency", "2", *TINY, "--samples", "1", "--json",
+        "--missing-rates", "0.5", "--concurrency", "2", *TINY, "--samples", "1",
+        "--optuna-storage", studies, "--json",
     )
+    assert printed["optuna_storage"] == studies
     assert len(printed["cells"]) == 2 and printed["skipped"] == []
     metric = "valid_MAE"  # finetune.selection's default: every labeled validation row counts
     assert (printed["metric"], printed["mode"]) == (metric, "min")
@@ -152,10 +156,11 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
         runs = storage.join(sweep_uri, "runs", cell.name)
         for trial_id, rec in tune_trials.items():
             run_dir = storage.join(runs, trial_id)
-            trained = storage.read_json(storage.join(run_dir, "config.json"))["finetune"]
+            saved = storage.read_json(storage.join(run_dir, "config.json"))
+            trained = saved["finetune"]
             # cell constants and sampled values reach the trial's config exactly
             assert trained["label_ratio"] == cell.label_ratio
-            assert trained["missing_rate"] == cell.missing_rate
+            assert saved["missing"]["rate"] == cell.missing_rate
             for key in space.SEARCHED:
                 assert trained[key] == rec["params"][key], (cell.name, key)
             # Train's reports were forwarded to Tune unchanged
@@ -163,6 +168,11 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
             assert len(history) == 1
             assert rec["last"][metric] == pytest.approx(history[-1][metric])
             assert list(storage.list_files(storage.join(run_dir, "tensorboard")))
+        # the cell's durable Optuna study holds exactly the trials Tune ran
+        study = optuna.load_study(study_name=printed["studies"][cell.name], storage=studies)
+        assert sorted(((t.params, t.value) for t in study.trials), key=str) == sorted((
+            ({k: r["params"][k] for k in space.SEARCHED}, r["last"][f"best_{metric}"])
+            for r in tune_trials.values()), key=str)
         best_value = min(t["last"][metric] for t in tune_trials.values())
         best_ids = [i for i, t in tune_trials.items() if t["last"][metric] == best_value]
         expected_rows[cell.name] = (best_value, best_ids, runs, tune_trials)
@@ -196,7 +206,8 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
     # a re-run skips the finished cells
     again = invoke(
         "tune", "--data", tiny_data, "--storage", sweep_uri, "--label-ratios", "0.3,0.7",
-        "--missing-rates", "0.5", "--concurrency", "2", *TINY, "--samples", "1", "--json",
+        "--missing-rates", "0.5", "--concurrency", "2", *TINY, "--samples", "1",
+        "--optuna-storage", studies, "--json",
     )
     assert sorted(again["skipped"]) == sorted(expected_rows)
 
@@ -299,6 +310,12 @@ def test_asha_stops_weak_trials_early_and_frees_their_workers(ray_cluster, tiny_
         assert seen[-1]["best_valid_MAE"] == t["best_valid"]
     assert any(t["finished"] and t["epochs"] == 3 for t in trials)
     assert not math.isnan(result["best"]["test"]["MAE"])
+    # A local sweep keeps its studies in a journal beside its files, stopped trials included.
+    journal = tmp_path / "asha" / "optuna.journal"
+    assert printed["optuna_storage"] == str(journal)
+    study = optuna.load_study(study_name=f"asha.{cell['cell']}",
+                              storage=space.optuna_storage(str(journal)))
+    assert sorted(t.value for t in study.trials) == sorted(t["best_valid"] for t in trials)
 
     # A stopped trial's Train controller and workers are gone, not holding CPUs (Ray Train's
     # placement-group cleaner can take a minute on a loaded machine).

@@ -51,6 +51,7 @@ def tune(
         "--baseline", help="Also run each cell's supervised-only baseline.")] = False,
     seed: Annotated[int | None, config_option("tune.seed")] = None,
     max_failures: Annotated[int | None, config_option("tune.max_failures")] = None,
+    optuna_storage: Annotated[str | None, config_option("tune.optuna_storage")] = None,
     config: ConfigFile = None,
     overrides: Overrides = None,
     s3_endpoint: S3Endpoint = None,
@@ -73,7 +74,7 @@ def tune(
                               if missing_rates else None),
             "samples": samples, "concurrency": concurrency,
             "workers_per_trial": workers_per_trial, "asha": asha, "seed": seed,
-            "max_failures": max_failures,
+            "max_failures": max_failures, "optuna_storage": optuna_storage,
         },
     )
     result = run_sweep(cfg, storage_uri, baseline=baseline, verbose=0 if as_json else 1,
@@ -91,6 +92,9 @@ def tune(
                       f"{best['config']['lambda_rec']:.3g}", f"{best['valid'][metric]:.4f}",
                       f"{best['test'][metric]:.4f}", f"{best['test']['MAE']:.4f}")
     out.print(table)
+    if result["optuna_storage"]:
+        out.print(f"Optuna studies: optuna-dashboard {result['optuna_storage']}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

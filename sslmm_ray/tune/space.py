@@ -8,6 +8,7 @@ pseudo-label threshold, the reconstruction weight, the learning rate and the unl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -74,13 +75,33 @@ class RestorableOptunaSearch(OptunaSearch):
             self.add_evaluated_point(params, value, error=error)
 
 
-def make_searcher(metric: str, mode: str, seed: int):
-    """Seeded TPE: the same seed suggests the same first configurations."""
+RDB_SCHEMES = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
+
+
+def optuna_storage(url: str):
+    """An Optuna storage from a URL: an RDB (SQLAlchemy URL) or a journal file path."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if url.startswith(RDB_SCHEMES):
+        return optuna.storages.RDBStorage(url)
+    path = url.removeprefix("file://")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(path))
+
+
+def make_searcher(
+    metric: str, mode: str, seed: int, *, storage: str | None = None,
+    study_name: str | None = None,
+):
+    """Seeded TPE: the same seed suggests the same first configurations. With ``storage``
+    the study is kept there under ``study_name`` (durable, visible to Optuna's own tools)."""
     import optuna
 
     # The sampler carries the seed (OptunaSearch ignores ``seed=0`` as falsy).
     sampler = optuna.samplers.TPESampler(seed=seed)
-    return RestorableOptunaSearch(metric=metric, mode=mode, sampler=sampler)
+    kept = {"storage": optuna_storage(storage), "study_name": study_name} if storage else {}
+    return RestorableOptunaSearch(metric=metric, mode=mode, sampler=sampler, **kept)
 
 
 def trial_config(

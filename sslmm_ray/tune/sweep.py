@@ -3,7 +3,9 @@
 Storage layout under the sweep's URI (local or S3)::
 
     sweep.json                 the settings the sweep started with (a re-run must match them)
-    cell_label0.5_missing0.3/          Tune's experiment folder of the cell (trials, searcher state)
+    optuna.journal             every cell's Optuna study, "<sweep>.<cell>" (a local sweep's
+                               default; ``tune.optuna_storage`` puts them in an RDB instead)
+    cell_label0.5_missing0.3/  Tune's experiment folder of the cell (trials, searcher state)
     runs/<cell>/<trial_id>/    each trial's Train run: config.json, checkpoints, history.json,
                                tensorboard/, best.json, metrics.json
     baseline/<cell>/           the supervised-only run of the cell (``--baseline``)
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 RESULTS = "results"
 RUNS = "runs"
+OPTUNA_JOURNAL = "optuna.journal"
 BASELINE = "baseline"
 #: Resources of the Tune trial function itself: it only drives a TorchTrainer, whose workers
 #: hold the CPUs. ``max_concurrent_trials`` bounds how many run at once.
@@ -88,6 +91,23 @@ class Layout:
 
     def result(self, cell: Cell) -> str:
         return storage.join(self.root, RESULTS, f"{cell.name}.json")
+
+    @property
+    def name(self) -> str:
+        return self.root.rstrip("/").rpartition("/")[2]
+
+    def study(self, cell: Cell) -> str:
+        """The cell's Optuna study name: the sweep's folder name and the cell."""
+        return f"{self.name}.{cell.name}"
+
+    def optuna_storage(self, configured: str | None) -> str | None:
+        """``tune.optuna_storage``, or a journal file in a local sweep's folder (an s3://
+        sweep keeps its studies in memory unless given an RDB the head can reach)."""
+        if configured:
+            return configured
+        if storage.is_remote(self.root):
+            return None
+        return storage.join(self.root.removeprefix("file://"), OPTUNA_JOURNAL)
 
 
 def sweep_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -195,6 +215,8 @@ def run_sweep(
         )
     return {
         "storage": storage_uri,
+        "optuna_storage": layout.optuna_storage(cfg.tune.optuna_storage),
+        "studies": {c.name: layout.study(c) for c in cells},
         "metric": selected[0],
         "mode": selected[1],
         "cells": results,
@@ -254,7 +276,9 @@ def _tuner(
         tune_config=tune.TuneConfig(
             metric=metric,
             mode=mode,
-            search_alg=space.make_searcher(metric, mode, t.seed),
+            search_alg=space.make_searcher(
+                metric, mode, t.seed, storage=layout.optuna_storage(t.optuna_storage),
+                study_name=layout.study(cell)),
             scheduler=scheduler,
             num_samples=t.samples,
             max_concurrent_trials=t.concurrency,
