@@ -64,12 +64,22 @@ class Cluster:
         )
 
     def submit(self, submission_id: str, *entrypoint: str) -> None:
-        done = self.ray(
-            "job", "submit", "--address", self.dashboard, "--submission-id", submission_id,
-            "--working-dir", str(ROOT), "--runtime-env", str(self.runtime_env), "--no-wait",
-            "--", *entrypoint,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+        # The head's job agent registers a while after the dashboard answers (longer on a
+        # loaded machine): Ray asks to try again later. Bounded.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            done = self.ray(
+                "job", "submit", "--address", self.dashboard, "--submission-id", submission_id,
+                "--working-dir", str(ROOT), "--runtime-env", str(self.runtime_env), "--no-wait",
+                "--", *entrypoint,
+            )
+            text = done.stdout + done.stderr
+            if done.returncode == 0 or "No available agent" not in text:
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+        assert done.returncode == 0, text
 
     def status(self, submission_id: str) -> str:
         """The job's status as `ray job status` words it (terminal states get a banner)."""

@@ -66,6 +66,13 @@ def test_local_paths_on_a_multi_node_cluster_are_refused_before_anything_runs(
     assert "a cluster of 3 nodes" in err and f"--run-dir {run_dir}" in err
     assert "s3:// URI" in err and ray_env.SHARED_FILESYSTEM_ENV in err
     assert not run_dir.exists()  # refused before the run directory was touched
+    # evaluate and predict read (and predict writes) through Ray Data tasks on every node
+    done = _cli(three_nodes, "predict", "--data", str(tmp_path / "data"), "--checkpoint",
+                "s3://b/run", "--out", str(tmp_path / "pred"), timeout=240)
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = " ".join((done.stdout + done.stderr).split())
+    assert f"--data {tmp_path / 'data'}" in err and "--checkpoint" not in err
+    assert not (tmp_path / "pred").exists()
 
 
 def test_remote_paths_and_declared_shared_filesystems_pass(monkeypatch) -> None:

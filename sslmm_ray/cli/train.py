@@ -150,7 +150,8 @@ def evaluate(
     from sslmm_ray.storage import StorageOptions
     from sslmm_ray.train.evaluate import evaluate_checkpoint, robustness_curve
 
-    ray_env.init()
+    # Ray Data tasks read the data on any node; the model runs here on the driver.
+    ray_env.check_paths_reach_every_node(ray_env.init(), {"--data": data})
     options = StorageOptions.from_env(s3_endpoint)
     proto = protocol.value if protocol else None
     if pseudo:
@@ -201,7 +202,9 @@ def predict(
     from sslmm_ray.storage import StorageOptions
     from sslmm_ray.train.predict import predict as run_predict
 
-    ray_env.init()
+    # The model runs in Ray Data actors, which read the data and write the output anywhere.
+    ray_env.check_paths_reach_every_node(
+        ray_env.init(), {"--data": data, "--checkpoint": checkpoint, "--out": out_uri})
     summary = run_predict(
         checkpoint, data, out_uri, StorageOptions.from_env(s3_endpoint),
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
