@@ -83,7 +83,7 @@ class Stage:
     scores_test: ClassVar[bool]
 
     def config(self, cfg: ExperimentConfig) -> TrainingConfig:
-        """This stage's section: epochs, optimiser, workers, seed, missingness."""
+        """This stage's section: epochs, optimiser, workers, seed (missingness: cfg.missing)."""
         raise NotImplementedError
 
     def protocol(self, cfg: ExperimentConfig) -> dict[str, Any]:
