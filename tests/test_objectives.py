@@ -256,3 +256,29 @@ def test_pseudo_view_dropped_answers_from_the_degraded_view():
         student.train(), teacher, b, ft(pseudo_view="dropped", reconstruction=False), 1,
         _gen()), student)
     assert all(grads[k] is None for k in grads if k.startswith("decoders."))
+
+
+def test_graph_labels_fill_in_where_the_teacher_is_unsure():
+    student = make()
+    teacher = make_teacher(student)
+    b = dict(batch(label_ratio=0.25))
+    unlabeled = ~b["labeled"].bool()
+    b["graph_labeled"] = unlabeled.clone()
+    b["graph_labeled"][unlabeled.nonzero()[0]] = False  # one unlabeled row has none
+    b["graph_label"] = torch.where(b["graph_labeled"], torch.full_like(b["label"], 2.0), 0.0)
+    # tau = 1 keeps no teacher label: the pseudo term is the graph's alone
+    _, graph = finetune_loss(student, teacher, b, ft(tau=1.0), 1, _gen())
+    n_unlabeled = int(unlabeled.sum())
+    assert graph["teacher_label_fraction"] == 0.0
+    assert graph["pseudo_label_fraction"] == pytest.approx((n_unlabeled - 1) / n_unlabeled)
+    assert graph["pseudo"] > 0
+    _, off = finetune_loss(student, teacher, b, ft(tau=1.0, graph_labels=False), 1, _gen())
+    assert off["pseudo_label_fraction"] == 0.0 and off["pseudo"] == 0.0
+    # tau = 0: the teacher labels every row, and its labels win over the graph's
+    torch.manual_seed(3)  # the same student dropout for both
+    _, teacher_all = finetune_loss(student, teacher, b, ft(tau=0.0), 1, _gen())
+    torch.manual_seed(3)
+    _, teacher_only = finetune_loss(student, teacher, b, ft(tau=0.0, graph_labels=False), 1,
+                                    _gen())
+    assert teacher_all["pseudo"] == pytest.approx(teacher_only["pseudo"])
+    assert teacher_all["teacher_label_fraction"] == 1.0

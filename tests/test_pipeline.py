@@ -123,6 +123,16 @@ def test_finetune_datasets_withhold_train_and_valid_labels(ray_session, s3, raw,
     train = _collect(datasets["train"])
     assert train["labeled"].sum() == len(specs["train"].labeled_keys)
     assert (train["label"][~train["labeled"]] == 0).all()
+    # graph pseudo-labels: on unlabeled training rows only, within the label range
+    assert not train["graph_labeled"][train["labeled"]].any()
+    assert train["graph_labeled"][~train["labeled"]].mean() > 0.9
+    assert np.abs(train["graph_label"]).max() <= np.abs(raw.splits["train"]["label"]).max()
+    valid = _collect(datasets["valid"])
+    assert "graph_label" not in valid
+    off = ExperimentConfig(finetune=FinetuneConfig(label_ratio=0.25, seed=1, graph_labels=False),
+                           missing=cfg.missing)
+    assert "graph_label" not in _collect(pipeline.finetune_datasets(remote, off, s3.options)[
+        "train"])
     pre = pipeline.pretrain_datasets(remote, cfg, s3.options)
     assert set(pre) == {"train", "valid"}
 

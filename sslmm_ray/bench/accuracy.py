@@ -49,7 +49,8 @@ VARIANTS: dict[str, tuple[bool, list[str]]] = {
     "sslmm": (True, []),
     "supervised_only": (False, SUPERVISED),
     "no_pretraining": (False, []),
-    "no_pseudo_labels": (True, ["finetune.pseudo_labels=false"]),
+    "no_pseudo_labels": (True, ["finetune.pseudo_labels=false"]),  # teacher's and graph's
+    "no_graph_labels": (True, ["finetune.graph_labels=false"]),  # the teacher's alone
     "no_reconstruction": (True, ["finetune.reconstruction=false"]),
     "intra_only": (True, ["model.propagation=intra"]),
     "inter_only": (True, ["model.propagation=inter"]),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
 
 from sslmm_ray import storage
 from sslmm_ray.config import ExperimentConfig, FinetuneConfig, MissingConfig
-from sslmm_ray.data import protocols
+from sslmm_ray.data import graph_labels, protocols
 from sslmm_ray.data.normalize import Normalizer, normalizer_for
 from sslmm_ray.data.sources import DataError
 from sslmm_ray.data.store import (
@@ -374,7 +374,34 @@ def finetune_datasets(
 ) -> dict[str, ray.data.Dataset]:
     specs = finetune_specs(manifest, cfg.finetune, options, missing=cfg.missing,
                            valid_label_ratio=cfg.data.valid_label_ratio)
-    return _training_datasets(manifest, cfg, specs, cfg.finetune.seed, options, cache)
+    ft = cfg.finetune
+    if ft.pseudo_labels and ft.graph_labels and specs["train"].labeled_keys is not None:
+        specs["train"] = with_graph_labels(manifest, cfg, specs["train"], options, cache)
+    return _training_datasets(manifest, cfg, specs, ft.seed, options, cache)
+
+
+def with_graph_labels(
+    manifest: Manifest,
+    cfg: ExperimentConfig,
+    spec: protocols.ProtocolSpec,
+    options: StorageOptions | None = None,
+    cache: SplitCache | None = None,
+) -> protocols.ProtocolSpec:
+    """``spec`` plus the training split's graph pseudo-labels (one pass over the split).
+
+    The rows are read as training reads them (this spec: its masks and withheld labels), on
+    the process that builds the datasets; the keys and scores then travel in the spec.
+    """
+    if cache is not None and "train" in cache.splits:
+        ds = cache.dataset("train", spec, None)
+    else:
+        ds = split_dataset(manifest, "train", spec, options, normalize=cfg.data.normalize,
+                           verify=cfg.data.verify_checksums)
+    keys, scores = graph_labels.from_batches(
+        ds.iter_batches(batch_size=None, batch_format="numpy"),
+        k=cfg.finetune.graph_neighbors, alpha=cfg.finetune.graph_alpha,
+    )
+    return replace(spec, graph_keys=keys, graph_scores=scores)
 
 
 def pretrain_datasets(

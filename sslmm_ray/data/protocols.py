@@ -155,6 +155,10 @@ class ProtocolSpec:
     protocol: Literal["modality", "frame"] = "modality"
     seed: int = 0
     labeled_keys: np.ndarray | None = None  # sorted uint64 keys; None = every row labeled
+    # Graph pseudo-labels of unlabeled training rows (sslmm_ray.data.graph_labels): sorted
+    # keys and their scores. None: batches carry no graph_label / graph_labeled columns.
+    graph_keys: np.ndarray | None = None
+    graph_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.missing_rate < 1.0:
@@ -164,6 +168,16 @@ class ProtocolSpec:
         if self.labeled_keys is not None:
             keys = np.unique(np.asarray(self.labeled_keys, dtype=np.uint64).reshape(-1))
             object.__setattr__(self, "labeled_keys", keys)
+        if (self.graph_keys is None) != (self.graph_scores is None):
+            raise ValueError("graph_keys and graph_scores go together")
+        if self.graph_keys is not None:
+            keys = np.asarray(self.graph_keys, dtype=np.uint64).reshape(-1)
+            scores = np.asarray(self.graph_scores, dtype=np.float32).reshape(-1)
+            if keys.shape != scores.shape:
+                raise ValueError(f"{len(keys)} graph keys but {len(scores)} scores")
+            order = np.argsort(keys, kind="stable")
+            object.__setattr__(self, "graph_keys", keys[order])
+            object.__setattr__(self, "graph_scores", scores[order])
         check_reachable(self.missing_rate, self.protocol, "missing rate")
 
 
@@ -215,6 +229,13 @@ def apply(
         labeled = _member(keys, spec.labeled_keys)
     batch["labeled"] = labeled
     batch["label"] = np.where(labeled, np.asarray(arrays["label"], np.float32), np.float32(0.0))
+    if spec.graph_keys is not None:
+        assert spec.graph_scores is not None
+        found = _member(keys, spec.graph_keys) & ~labeled
+        pos = np.minimum(np.searchsorted(spec.graph_keys, keys), max(spec.graph_keys.size - 1, 0))
+        scores = spec.graph_scores[pos] if spec.graph_keys.size else np.zeros(len(keys), np.float32)
+        batch["graph_label"] = np.where(found, scores, np.float32(0.0)).astype(np.float32)
+        batch["graph_labeled"] = found
     return batch
 
 

@@ -263,8 +263,10 @@ def finetune_loss(
 
     - ``L_sup``: L1 (or MSE, ``cfg.loss``) on labeled rows only.
     - ``L_pseudo`` (``cfg.pseudo_labels``): same loss against the teacher's pseudo-label on
-      unlabeled rows whose confidence (:func:`pseudo_labels`) is >= ``tau``, averaged over all
-      unlabeled rows (rejected ones count as 0); ``w = unlabeled_weight * rampup``.
+      unlabeled rows whose confidence (:func:`pseudo_labels`) is >= ``tau``, and against the
+      row's graph label (``graph_label``, :mod:`sslmm_ray.data.graph_labels`) on the others
+      that have one (``cfg.graph_labels``); averaged over all unlabeled rows (rows with
+      neither count as 0); ``w = unlabeled_weight * rampup``.
     - ``L_rec`` (``cfg.reconstruction``): present modalities are dropped on purpose with
       ``drop_prob`` (>= 1 kept) in a second view of the batch, and their segment features are
       rebuilt from the others. Zero when nothing was dropped. The supervised and pseudo-label
@@ -343,16 +345,24 @@ def finetune_loss(
     if use_pseudo:
         weight = cfg.unlabeled_weight * rampup(epoch, cfg.rampup_epochs)
         if mu is not None and conf is not None:
-            keep = conf >= cfg.tau
+            confident = conf >= cfg.tau
+            keep, target_u = confident, mu.float()
+            if cfg.graph_labels and "graph_labeled" in batch:
+                # the graph's label where the teacher is unsure (sslmm_ray.data.graph_labels)
+                graph = batch["graph_labeled"][unlabeled].bool() & ~confident
+                target_u = torch.where(graph, batch["graph_label"][unlabeled].float(), target_u)
+                keep = confident | graph
             student_pred = (pred_view if on_dropped else pred_data)[unlabeled]
-            pseudo = ((_regression(student_pred, mu.float(), cfg.loss) * keep).sum() * world
+            pseudo = ((_regression(student_pred, target_u, cfg.loss) * keep).sum() * world
                       / counts[1].clamp(min=1))
             share = world / float(counts[1])  # of the global batch's unlabeled rows
             stats.update(pseudo_label_fraction=float(keep.float().sum()) * share,
+                         teacher_label_fraction=float(confident.float().sum()) * share,
                          confidence=float(conf.float().sum()) * share)
         else:
             pseudo = pred.new_zeros(())
-            stats.update(pseudo_label_fraction=0.0, confidence=0.0)
+            stats.update(pseudo_label_fraction=0.0, teacher_label_fraction=0.0,
+                         confidence=0.0)
         loss = loss + weight * pseudo
         stats.update(pseudo=float(pseudo.detach()), unlabeled_weight=weight)
 
