@@ -254,3 +254,6 @@ def test_bench_accuracy_digits_end_to_end(ray_cluster, monkeypatch, capsys) -> N
     assert diag["unlabeled"] == 1078 - round(0.5 * 537) - round(0.5 * 541)  # per sign stratum
     assert 0.0 <= diag["pseudo_label_fraction"] <= 1.0
     assert 0.0 <= diag["sign_accuracy_all"] <= 1.0
+    # the graph labelled the rows the teacher was unsure of, mostly right (chance is 0.5)
+    assert diag["graph_label_fraction"] + diag["pseudo_label_fraction"] > 0.9
+    assert diag["sign_accuracy_graph"] > 0.75 and diag["sign_accuracy_used"] > 0.75

@@ -80,6 +80,8 @@ def finetune(
         "finetune.pseudo_labels", "--pseudo-labels/--no-pseudo-labels")] = None,
     reconstruction: Annotated[bool | None, config_option(
         "finetune.reconstruction", "--reconstruction/--no-reconstruction")] = None,
+    graph_labels: Annotated[bool | None, config_option(
+        "finetune.graph_labels", "--graph-labels/--no-graph-labels")] = None,
     propagation: Annotated[str | None, config_option("model.propagation")] = None,
     fusion: Annotated[str | None, config_option("model.fusion")] = None,
     workers: Annotated[int | None, config_option("finetune.workers")] = None,
@@ -107,7 +109,8 @@ def finetune(
         finetune={
             "label_ratio": label_ratio, "pretrained": pretrained,
             "tau": tau, "lambda_rec": lambda_rec, "pseudo_labels": pseudo_labels,
-            "reconstruction": reconstruction, "workers": workers, "gpus": gpus,
+            "reconstruction": reconstruction, "graph_labels": graph_labels,
+            "workers": workers, "gpus": gpus,
             "precision": precision.value if precision else None, "epochs": epochs,
             "max_failures": max_failures, "seed": seed,
         },

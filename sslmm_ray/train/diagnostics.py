@@ -4,8 +4,10 @@ Training never reads a withheld label. This module does, after the fact and on p
 score what the teacher told the student: it re-creates the run's labeled/unlabeled split of
 the training rows, asks the run's best checkpoint (the EMA teacher) for pseudo-labels on the
 unlabeled rows exactly as fine-tuning does (same views, confidence and threshold), and
-compares their sign with the withheld labels. Nothing here feeds back into training or
-selection; it answers "did pseudo-labelling help or mislead this run?".
+compares their sign with the withheld labels, and does the same for the graph pseudo-labels
+that fine-tuning used where the teacher was unsure (:mod:`sslmm_ray.data.graph_labels`,
+recomputed as the run computed them). Nothing here feeds back into training or selection; it
+answers "did pseudo-labelling help or mislead this run?".
 """
 
 from __future__ import annotations
@@ -39,9 +41,17 @@ def pseudo_label_report(
     # Every label visible: this is the offline scorer, not training.
     spec = protocols.ProtocolSpec(**pipeline.missing_spec(cfg.missing))
     ds = pipeline.split_dataset(manifest, "train", spec, options, normalize=meta.normalize)
+    graph_keys = np.zeros(0, np.uint64)
+    graph_scores = np.zeros(0, np.float32)
+    if ft.pseudo_labels and ft.graph_labels:
+        train_spec = protocols.ProtocolSpec(**pipeline.missing_spec(cfg.missing),
+                                            labeled_keys=labeled)
+        graph = pipeline.with_graph_labels(manifest, cfg, train_spec, options)
+        assert graph.graph_keys is not None and graph.graph_scores is not None
+        graph_keys, graph_scores = graph.graph_keys, graph.graph_scores
     lo, hi = manifest.label_range
     generator = torch.Generator().manual_seed(ft.seed)
-    mus, confs, truths = [], [], []
+    mus, confs, truths, graphs = [], [], [], []
     for batch in ds.iter_torch_batches(batch_size=batch_size):
         keys = batch["index"].numpy().view(np.uint64)
         rows = torch.from_numpy(~np.isin(keys, labeled))
@@ -53,9 +63,13 @@ def pseudo_label_report(
         mus.append(mu.numpy())
         confs.append(conf.numpy())
         truths.append(sub["label"].numpy())
-    mu, conf, truth = (np.concatenate(x) for x in (mus, confs, truths))
+        graphs.append(_lookup(keys[rows.numpy()], graph_keys, graph_scores))
+    mu, conf, truth, graph = (np.concatenate(x) for x in (mus, confs, truths, graphs))
     kept = conf >= ft.tau
     nonzero = truth != 0
+    from_graph = ~kept & ~np.isnan(graph)
+    used = kept | from_graph
+    target = np.where(kept, mu, graph)
     return {
         "run_dir": run_dir,
         "label_ratio": ft.label_ratio,
@@ -65,7 +79,20 @@ def pseudo_label_report(
         "sign_accuracy_kept": _sign_accuracy(mu[kept & nonzero], truth[kept & nonzero]),
         "sign_accuracy_all": _sign_accuracy(mu[nonzero], truth[nonzero]),
         "mae_kept": float(np.abs(mu[kept] - truth[kept]).mean()) if kept.any() else None,
+        "graph_label_fraction": float(from_graph.mean()),
+        "sign_accuracy_graph": _sign_accuracy(graph[from_graph & nonzero],
+                                              truth[from_graph & nonzero]),
+        # what the pseudo-label term trained on: the teacher's where kept, else the graph's
+        "sign_accuracy_used": _sign_accuracy(target[used & nonzero], truth[used & nonzero]),
     }
+
+
+def _lookup(keys: np.ndarray, sorted_keys: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The graph label of each key, NaN where it has none."""
+    if not sorted_keys.size:
+        return np.full(len(keys), np.nan, np.float32)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return np.where(sorted_keys[pos] == keys, scores[pos], np.nan).astype(np.float32)
 
 
 def _sign_accuracy(pred: np.ndarray, truth: np.ndarray) -> float | None:
