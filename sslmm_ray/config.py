@@ -244,7 +244,11 @@ class SweepConfig:
         "Missing rates of the grid (modality-level: <= 2/3).")),
     ] = dataclasses.field(default_factory=lambda: [0.0, 0.3, 0.5, 0.6])
     samples: Annotated[PosInt, Field(description="Trials per cell.")] = 8
-    concurrency: Annotated[PosInt, Field(description="Trials running at once.")] = 1
+    concurrency: Annotated[PosInt, Field(description="Trials of one cell running at once.")] = 1
+    max_concurrent_trials: Annotated[PosInt | None, Field(description=(
+        "Trials running at once over all cells: cells run side by side, "
+        "max(1, this // concurrency) at a time. Default: what the cluster holds beside Ray "
+        "Data's headroom; every cell at once when SSLMM_AUTOSCALING=1."))] = None
     workers_per_trial: Annotated[PosInt, Field(description=(
         "Ray Train workers of each trial."))] = 1
     asha: Annotated[bool, Field(description="ASHA early stopping over epochs.")] = False

@@ -91,6 +91,12 @@ def worker_resources(cpus_per_worker: float, use_gpu: bool) -> dict[str, float]:
     return resources
 
 
+def autoscaling() -> bool:
+    """The cluster adds nodes on demand (``SSLMM_AUTOSCALING=1``): what is there now is not
+    what a plan may use."""
+    return os.environ.get("SSLMM_AUTOSCALING") == "1"
+
+
 def check_fits(
     info: ClusterInfo, *, workers: int, cpus_per_worker: float, use_gpu: bool, what: str
 ) -> None:
@@ -99,7 +105,7 @@ def check_fits(
     On an autoscaling cluster the resources may not exist yet; the check applies to fixed-size
     clusters only (``SSLMM_AUTOSCALING=1`` turns it off).
     """
-    if os.environ.get("SSLMM_AUTOSCALING") == "1":
+    if autoscaling():
         return
     need_cpu = workers * cpus_per_worker + DATA_HEADROOM_CPUS
     if need_cpu > info.cpus + 1e-9:
@@ -126,12 +132,11 @@ def check_paths_reach_every_node(info: ClusterInfo, paths: dict[str, str | None]
     """
     from sslmm_ray import storage
 
-    autoscaling = os.environ.get("SSLMM_AUTOSCALING") == "1"
-    if (info.nodes <= 1 and not autoscaling) or os.environ.get(SHARED_FILESYSTEM_ENV) == "1":
+    if (info.nodes <= 1 and not autoscaling()) or os.environ.get(SHARED_FILESYSTEM_ENV) == "1":
         return
     local = {what: path for what, path in paths.items() if path and not storage.is_remote(path)}
     if local:
-        where = "an autoscaling cluster" if autoscaling else f"a cluster of {info.nodes} nodes"
+        where = "an autoscaling cluster" if autoscaling() else f"a cluster of {info.nodes} nodes"
         listed = ", ".join(f"{what} {path}" for what, path in local.items())
         raise UserError(
             f"local path on {where}: {listed}; workers on other nodes cannot read or write "

@@ -120,6 +120,33 @@ def test_plan_that_cannot_fit_fails_before_anything_runs(ray_cluster, tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_cells_side_by_side_follow_one_trial_limit(monkeypatch):
+    from sslmm_ray.ray_env import ClusterInfo
+    from sslmm_ray.tune import sweep
+
+    def cfg(*overrides: str) -> config_mod.ExperimentConfig:
+        return config_mod.load(overrides=list(overrides))
+
+    info = ClusterInfo(address="local", cpus=6, gpus=0, local=True)
+    # default: the trials that fit beside Ray Data's CPU (5 of 1 CPU), by the cell's concurrency
+    assert sweep.cells_at_once(cfg("tune.concurrency=1"), info, 16) == 5
+    assert sweep.cells_at_once(cfg("tune.concurrency=2"), info, 16) == 2
+    assert sweep.cells_at_once(cfg("tune.concurrency=1"), info, 3) == 3  # no more than cells
+    assert sweep.cells_at_once(cfg("tune.workers_per_trial=2"), info, 16) == 2
+    assert sweep.cells_at_once(cfg("tune.concurrency=4", "tune.max_concurrent_trials=9"), info,
+                               16) == 2
+    assert sweep.cells_at_once(cfg("tune.concurrency=4", "tune.max_concurrent_trials=3"), info,
+                               16) == 1  # a cell's own concurrency always runs
+    gpu = ClusterInfo(address="local", cpus=32, gpus=4, local=True)
+    assert sweep.cells_at_once(cfg("finetune.gpus=true", "tune.workers_per_trial=2"), gpu,
+                               16) == 2
+    monkeypatch.setenv("SSLMM_AUTOSCALING", "1")  # nodes come on demand: every cell at once
+    assert sweep.cells_at_once(cfg("tune.concurrency=2"), info, 16) == 16
+    monkeypatch.delenv("SSLMM_AUTOSCALING")
+    with pytest.raises(ValueError, match="--max-concurrent-trials 8"):
+        sweep.check_plan(cfg("tune.max_concurrent_trials=8", "tune.concurrency=2"), info)
+
+
 def test_tune_gpus_are_the_trial_workers_gpus(ray_cluster, tmp_path):
     """``sslmm tune --gpus`` (and ``jobs/sweep.py``, which forwards tune's options) asks one GPU
     per trial worker: on this CPU-only cluster the plan is refused before anything runs."""
@@ -146,6 +173,10 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
     )
     assert printed["optuna_storage"] == studies
     assert len(printed["cells"]) == 2 and printed["skipped"] == []
+    # 6 CPUs hold 5 one-worker trials: both cells (2 trials each at most) searched side by side
+    first, second = printed["cells"]
+    assert max(first["started_at"], second["started_at"]) < min(first["finished_at"],
+                                                                 second["finished_at"])
     metric = "valid_MAE"  # finetune.selection's default: every labeled validation row counts
     assert (printed["metric"], printed["mode"]) == (metric, "min")
 

@@ -38,6 +38,8 @@ def tune(
     protocol: Annotated[ProtocolChoice | None, config_option("missing.protocol")] = None,
     samples: Annotated[int | None, config_option("tune.samples")] = None,
     concurrency: Annotated[int | None, config_option("tune.concurrency")] = None,
+    max_concurrent_trials: Annotated[int | None, config_option(
+        "tune.max_concurrent_trials")] = None,
     workers_per_trial: Annotated[int | None, config_option("tune.workers_per_trial")] = None,
     gpus: Annotated[bool | None, typer.Option(
         "--gpus/--no-gpus", help="One GPU per trial worker (nccl); the cluster needs "
@@ -73,6 +75,7 @@ def tune(
             "missing_rates": (float_list(missing_rates, "--missing-rates")
                               if missing_rates else None),
             "samples": samples, "concurrency": concurrency,
+            "max_concurrent_trials": max_concurrent_trials,
             "workers_per_trial": workers_per_trial, "asha": asha, "seed": seed,
             "max_failures": max_failures, "optuna_storage": optuna_storage,
         },

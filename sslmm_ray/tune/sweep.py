@@ -1,5 +1,11 @@
 """``sslmm tune``: one Tuner per (label ratio, missing rate) cell, resumable, tested once.
 
+Cells run side by side: each cell's Tuner is a Ray task (:func:`_cell_task`, on the driver's
+node, so local sweep files stay where they were) that searches the cell, tests its best trial
+and runs its baseline. ``max(1, tune.max_concurrent_trials // tune.concurrency)`` cells run at
+a time, so at most ``max_concurrent_trials`` trials are in flight; a finished cell's place goes
+to the next one at once. While one cell is tested or runs its baseline, the others train.
+
 Storage layout under the sweep's URI (local or S3)::
 
     sweep.json                 the settings the sweep started with (a re-run must match them)
@@ -31,7 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sslmm_ray import locks, ray_env, storage
 from sslmm_ray import metrics as mmsa
@@ -63,6 +71,7 @@ TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}  # Tune rejects an empty bundle
 _MAY_CHANGE = {
     ("tune", "label_ratios"), ("tune", "missing_rates"), ("data", "s3_endpoint"),
     ("tune", "max_failures"), ("finetune", "max_failures"),  # failure budgets, not results
+    ("tune", "max_concurrent_trials"),  # how many cells run at once, not what they find
 }
 #: The Tune function of every trial (``run_sweep(trial_fn=...)`` wraps it, e.g. in tests).
 TrialFn = Callable[..., None]
@@ -130,6 +139,35 @@ def check_plan(cfg: ExperimentConfig, info: ray_env.ClusterInfo) -> None:
             f"(--concurrency x --workers-per-trial)"
         ),
     )
+    if t.max_concurrent_trials is not None:
+        ray_env.check_fits(
+            info,
+            workers=cells_at_once(cfg, info, len(t.label_ratios) * len(t.missing_rates))
+            * t.concurrency * t.workers_per_trial,
+            cpus_per_worker=ft.cpus_per_worker,
+            use_gpu=ft.gpus,
+            what=(f"tune with --max-concurrent-trials {t.max_concurrent_trials} x "
+                  f"{t.workers_per_trial} workers"),
+        )
+
+
+def cells_at_once(cfg: ExperimentConfig, info: ray_env.ClusterInfo, cells: int) -> int:
+    """How many cells search side by side: ``max_concurrent_trials // concurrency``, >= 1.
+
+    Default limit: the trials whose workers fit beside Ray Data's headroom (and, with GPUs,
+    the GPUs); on an autoscaling cluster (``SSLMM_AUTOSCALING=1``), where nodes come on
+    demand, every cell at once.
+    """
+    t, ft = cfg.tune, cfg.finetune
+    limit = t.max_concurrent_trials
+    if limit is None:
+        if ray_env.autoscaling():
+            return max(cells, 1)
+        per_trial = t.workers_per_trial * ft.cpus_per_worker
+        limit = int((info.cpus - ray_env.DATA_HEADROOM_CPUS + 1e-9) // per_trial)
+        if ft.gpus:
+            limit = min(limit, int(info.gpus // t.workers_per_trial))
+    return max(1, min(limit // t.concurrency, cells))
 
 
 def _check_same_sweep(cfg: ExperimentConfig, layout: Layout, options: StorageOptions) -> None:
@@ -189,25 +227,39 @@ def run_sweep(
                     break_hint="--break-lock"):
         _check_same_sweep(cfg, layout, options)
         cells = space.grid(cfg.tune.label_ratios, cfg.tune.missing_rates)
-        results, skipped, failed = [], [], []
-        cache: SplitCache | None = None
+        done: dict[str, dict[str, Any]] = {}
+        skipped, failed = [], []
         for cell in cells:
             if storage.exists(layout.result(cell), options):
                 log.info("cell %s: finished earlier, skipped", cell.name)
                 skipped.append(cell.name)
-                results.append(storage.read_json(layout.result(cell), options))
-                continue
-            if cache is None and cfg.data.cache_mb > 0:  # once, for every trial of the sweep
-                cache = SplitCache.build(manifest, cfg, options)
+                done[cell.name] = storage.read_json(layout.result(cell), options)
+        queue = [c for c in cells if c.name not in done]
+        cache: SplitCache | None = None
+        if queue and cfg.data.cache_mb > 0:  # once, for every trial of the sweep
+            cache = SplitCache.build(manifest, cfg, options)
+        # On this node: a local sweep's files (Tune's, the Optuna journal) stay where they were.
+        task = ray.remote(num_cpus=0, max_retries=0)(_cell_task).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False))
+        width = cells_at_once(cfg, info, len(queue))
+        running: dict[ray.ObjectRef, Cell] = {}
+        while queue or running:
+            while queue and len(running) < width:
+                cell = queue.pop(0)
+                ref = task.remote(cfg.to_dict(), cell, layout, selected, headline,
+                                  baseline=baseline, verbose=verbose, trial_fn=trial_fn,
+                                  cache=cache)
+                running[ref] = cell
+            ready, _ = ray.wait(list(running), num_returns=1)
+            cell = running.pop(ready[0])
             try:
-                results.append(
-                    run_cell(cfg, cell, layout, options, selected, headline,
-                             baseline=baseline, verbose=verbose, trial_fn=trial_fn,
-                             cache=cache)
-                )
-            except CellFailed as err:
-                log.error("%s", err)
-                failed.append(str(err))
+                done[cell.name] = ray.get(ready[0])
+            except CellFailed as err:  # raised in the task: Ray re-raises it as this type
+                message = str(getattr(err, "cause", None) or err)
+                log.error("%s", message)
+                failed.append(message)
+        results = [done[c.name] for c in cells if c.name in done]
     if failed:
         raise SweepIncomplete(
             f"{len(failed)} of {len(cells)} cells did not finish ({' | '.join(failed)}); "
@@ -241,7 +293,8 @@ def _tuner(
     exp_path, _ = storage.ray_storage(layout.cell_dir(cell), options)
     trainable = tune.with_resources(
         # the cache travels by reference: its blocks stay where the sweep put them
-        tune.with_parameters(trial_fn, base=cfg.to_dict(), runs_uri=layout.runs(cell),
+        tune.with_parameters(_named_for(trial_fn, cell), base=cfg.to_dict(),
+                             runs_uri=layout.runs(cell),
                              **({"cache": cache} if cache is not None else {})),
         TRIAL_DRIVER_RESOURCES,
     )
@@ -295,6 +348,32 @@ def _tuner(
     )
 
 
+def _cell_task(
+    cfg: dict[str, Any], cell: Cell, layout: Layout, selected: tuple[str, str], headline: str,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`run_cell` as Ray work; storage options come from this process's environment
+    (credentials never travel in a task's arguments)."""
+    config = from_dict(cfg, "tune")
+    options = StorageOptions.from_env(config.data.s3_endpoint)
+    return run_cell(config, cell, layout, options, selected, headline, **kwargs)
+
+
+def _named_for(trial_fn: TrialFn, cell: Cell) -> TrialFn:
+    """``trial_fn`` under a name of the cell's own.
+
+    Tune keys a trainable, and ``with_parameters`` its arguments, by the function's name in
+    one registry per Ray job: two cells searching at once under one name would run each
+    other's trials (measured: both cells' trials wrote to the second cell's runs).
+    """
+
+    def trial_of_cell(config: dict[str, Any], **kwargs: Any) -> None:
+        return trial_fn(config, **kwargs)
+
+    trial_of_cell.__name__ = trial_of_cell.__qualname__ = f"sslmm_trial_{cell.name}"
+    return trial_of_cell
+
+
 def run_cell(
     cfg: ExperimentConfig,
     cell: Cell,
@@ -315,7 +394,7 @@ def run_cell(
     restarts raises :class:`CellFailed` before anything is published: a results file would mark
     the cell done, and its search would never be completed."""
     metric, mode = selected
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     grid = _tuner(cfg, cell, layout, selected, verbose, trial_fn, cache).fit()
     search_wall_s = time.monotonic() - started
     errored = [r for r in grid if r.error]
@@ -354,6 +433,9 @@ def run_cell(
         "baseline": run_baseline(cfg, cell, layout, options) if baseline else None,
         "search_wall_s": search_wall_s,
         "tune_wall_s": time.monotonic() - started,
+        # wall-clock seconds since the epoch: when cells ran side by side
+        "started_at": started_at,
+        "finished_at": time.time(),
     }
     storage.write_json(layout.result(cell), result, options)
     return result
