@@ -238,6 +238,10 @@ def run_sweep(
         cache: SplitCache | None = None
         if queue and cfg.data.cache_mb > 0:  # once, for every trial of the sweep
             cache = SplitCache.build(manifest, cfg, options)
+        studies = layout.optuna_storage(cfg.tune.optuna_storage)
+        if queue and studies:
+            # Once, here: cells that open a new RDB side by side race to create its tables.
+            space.optuna_storage(studies)
         # On this node: a local sweep's files (Tune's, the Optuna journal) stay where they were.
         task = ray.remote(num_cpus=0, max_retries=0)(_cell_task).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(
