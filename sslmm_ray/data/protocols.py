@@ -231,9 +231,8 @@ def apply(
     batch["label"] = np.where(labeled, np.asarray(arrays["label"], np.float32), np.float32(0.0))
     if spec.graph_keys is not None:
         assert spec.graph_scores is not None
-        found = _member(keys, spec.graph_keys) & ~labeled
-        pos = np.minimum(np.searchsorted(spec.graph_keys, keys), max(spec.graph_keys.size - 1, 0))
-        scores = spec.graph_scores[pos] if spec.graph_keys.size else np.zeros(len(keys), np.float32)
+        found, scores = lookup(keys, spec.graph_keys, spec.graph_scores)
+        found &= ~labeled
         batch["graph_label"] = np.where(found, scores, np.float32(0.0)).astype(np.float32)
         batch["graph_labeled"] = found
     return batch
@@ -245,6 +244,17 @@ def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
         return np.zeros(len(keys), dtype=bool)
     pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
     return sorted_keys[pos] == keys
+
+
+def lookup(
+    keys: np.ndarray, sorted_keys: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per key: whether ``sorted_keys`` holds it, and its entry of ``values`` (0 where not)."""
+    if sorted_keys.size == 0:
+        return np.zeros(len(keys), dtype=bool), np.zeros(len(keys), dtype=values.dtype)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    found = sorted_keys[pos] == keys
+    return found, np.where(found, values[pos], 0).astype(values.dtype)
 
 
 def labeled_keys(ids: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:

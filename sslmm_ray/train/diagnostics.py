@@ -63,7 +63,8 @@ def pseudo_label_report(
         mus.append(mu.numpy())
         confs.append(conf.numpy())
         truths.append(sub["label"].numpy())
-        graphs.append(_lookup(keys[rows.numpy()], graph_keys, graph_scores))
+        found, score = protocols.lookup(keys[rows.numpy()], graph_keys, graph_scores)
+        graphs.append(np.where(found, score, np.nan))  # NaN: no graph label
     mu, conf, truth, graph = (np.concatenate(x) for x in (mus, confs, truths, graphs))
     kept = conf >= ft.tau
     nonzero = truth != 0
@@ -85,14 +86,6 @@ def pseudo_label_report(
         # what the pseudo-label term trained on: the teacher's where kept, else the graph's
         "sign_accuracy_used": _sign_accuracy(target[used & nonzero], truth[used & nonzero]),
     }
-
-
-def _lookup(keys: np.ndarray, sorted_keys: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """The graph label of each key, NaN where it has none."""
-    if not sorted_keys.size:
-        return np.full(len(keys), np.nan, np.float32)
-    pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
-    return np.where(sorted_keys[pos] == keys, scores[pos], np.nan).astype(np.float32)
 
 
 def _sign_accuracy(pred: np.ndarray, truth: np.ndarray) -> float | None:
