@@ -1,9 +1,9 @@
 """Concurrency and fault tolerance on the session's real Ray and S3 server (issue 12).
 
 One writer per run directory and sweep storage; a resume under other settings is refused; a
-driver killed mid-run on S3 resumes from its checkpoint; Tune retries a failed trial, and a cell
-whose trials errored is not recorded as done until a re-run completes it. Tiny models and data
-keep each case within a few minutes on a loaded 2-core machine.
+driver killed mid-run on S3 resumes from its checkpoint and rides out an S3 outage; Tune retries
+a failed trial, and a cell whose trials errored is not recorded as done until a re-run completes
+it. Tiny models and data keep each case within a few minutes on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -111,11 +111,19 @@ def _cli(data: str, run_dir: str, epochs: int) -> list[str]:
             "--missing-rate", "0.3", *[a for kv in TINY for a in ("--set", kv)]]
 
 
-def test_killed_driver_on_s3_resumes_when_the_command_is_rerun(ray_cluster, s3):
+def test_killed_driver_on_s3_resumes_and_rides_out_an_s3_outage(ray_cluster, s3):
+    """A driver SIGKILLed after epoch 0's checkpoint; the re-run resumes from it, and while it
+    streams and trains its last epoch the S3 server process is stopped (SIGSTOP) for 10 s, then
+    continued: requests stall, time out and are retried, and the run finishes every epoch once.
+    (A killed and restarted server is covered at the storage level in test_store_safety.py;
+    stopping keeps the server's in-memory objects, so nothing written meanwhile is lost to the
+    test itself.) One run serves both cases: each costs a Train run on a loaded machine."""
+    import time
+
     data = s3.uri("faults/data")
     store.write_dataset(synth.generate("mosi", scale=0.05, aligned=True, seed=3), data)
     run_dir = s3.uri("faults/runs/ft")
-    epochs = 3
+    epochs = 4
     cmd = _cli(data, run_dir, epochs)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "SSLMM_PROGRESS": "0"}
@@ -131,13 +139,28 @@ def test_killed_driver_on_s3_resumes_when_the_command_is_rerun(ray_cluster, s3):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver's own session, started above
         proc.wait(timeout=30)
     done_before = epochs_done(run_dir, s3.options)
-    assert done_before and done_before[-1] < epochs - 1, done_before
+    assert done_before and done_before[-1] < epochs - 2, done_before
     holder = locks.read_holder(run_dir)
     assert holder is not None and holder.pid == proc.pid  # SIGKILL left the lock behind
 
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=DEADLINE_S)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        # the re-run trained an epoch of its own: stop S3 while the next one streams
+        wait_for(lambda: len(epochs_done(run_dir, s3.options)) > len(done_before)
+                 or again.poll() is not None, "an epoch of the re-run on S3")
+        assert again.poll() is None, again.stderr.read().decode()[-2000:]
+        os.kill(s3.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(10)
+        finally:
+            os.kill(s3.process.pid, signal.SIGCONT)
+        _, err = again.communicate(timeout=DEADLINE_S)
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+            again.wait(timeout=30)
+    assert again.returncode == 0, err.decode()[-3000:]
     history = RunLog.read(run_dir, s3.options)
     assert [int(h["epoch"]) for h in history] == list(range(epochs))  # none repeated or lost
     assert history[0] == first  # epoch 0 was not trained again
@@ -149,42 +172,6 @@ def test_killed_driver_on_s3_resumes_when_the_command_is_rerun(ray_cluster, s3):
     assert best["metrics"]["valid_MAE"] == min(maes)
     assert [h["best_valid_MAE"] for h in history] == list(np.minimum.accumulate(maes))
     assert all(0.0 <= h["train_pseudo_label_fraction"] <= 1.0 for h in history)
-
-
-def test_s3_outage_mid_epoch_is_ridden_out(ray_cluster, s3):
-    """The S3 server process is stopped (SIGSTOP) for 10 s while epoch 1 streams and trains, then
-    continued: requests stall, time out and are retried, and the run finishes every epoch with
-    a readable run directory. (A killed and restarted server is covered at the storage level in
-    test_store_safety.py; stopping keeps the server's in-memory objects, so nothing written in
-    the meantime is lost to the test itself.)"""
-    import time
-
-    data = s3.uri("outage/data")
-    store.write_dataset(synth.generate("mosi", scale=0.05, aligned=True, seed=4), data)
-    run_dir = s3.uri("outage/runs/ft")
-    epochs = 3
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "SSLMM_PROGRESS": "0"}
-    proc = subprocess.Popen(_cli(data, run_dir, epochs), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        wait_for(lambda: epochs_done(run_dir, s3.options) or proc.poll() is not None,
-                 "epoch 0 on S3")
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.kill(s3.process.pid, signal.SIGSTOP)
-        try:
-            time.sleep(10)
-        finally:
-            os.kill(s3.process.pid, signal.SIGCONT)
-        _, err = proc.communicate(timeout=DEADLINE_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    assert proc.returncode == 0, err.decode()[-3000:]
-    assert epochs_done(run_dir, s3.options) == list(range(epochs))
-    assert storage.exists(storage.join(run_dir, "metrics.json"), s3.options)
 
 
 # --------------------------------------------------------------------------- Tune faults

@@ -147,6 +147,42 @@ def test_cells_side_by_side_follow_one_trial_limit(monkeypatch):
         sweep.check_plan(cfg("tune.max_concurrent_trials=8", "tune.concurrency=2"), info)
 
 
+def test_side_by_side_runs_width_cells_at_once_and_stops_starting_after_a_crash():
+    import threading
+
+    from sslmm_ray.tune import sweep
+
+    cells = [Cell(r, 0.5) for r in (0.1, 0.2, 0.3, 0.4)]
+    go = {c.name: threading.Event() for c in cells}
+    lock, running, most, started = threading.Lock(), [0], [0], []
+
+    def search(cell: Cell) -> dict:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            started.append(cell.label_ratio)
+        go[cell.name].wait(timeout=30)
+        with lock:
+            running[0] -= 1
+        if cell.label_ratio == 0.2:
+            raise RuntimeError("crash in cell 0.2")
+        return {"cell": cell.name}
+
+    crashes: list[BaseException] = []
+    outcomes = sweep._side_by_side(search, cells, 2, stop=lambda: bool(crashes))
+    seen = []
+    for ratio in (0.1, 0.2, 0.3):
+        go[Cell(ratio, 0.5).name].set()
+        cell, outcome = next(outcomes)
+        seen.append(cell.label_ratio)
+        if isinstance(outcome, BaseException):
+            crashes.append(outcome)
+    assert seen == [0.1, 0.2, 0.3]
+    assert "crash in cell 0.2" in str(crashes[0])
+    assert next(outcomes, None) is None  # after the crash no later cell started
+    assert sorted(started) == [0.1, 0.2, 0.3] and most[0] == 2  # two at once, never more
+
+
 def test_tune_gpus_are_the_trial_workers_gpus(ray_cluster, tmp_path):
     """``sslmm tune --gpus`` (and ``jobs/sweep.py``, which forwards tune's options) asks one GPU
     per trial worker: on this CPU-only cluster the plan is refused before anything runs."""

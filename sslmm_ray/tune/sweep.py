@@ -1,10 +1,12 @@
 """``sslmm tune``: one Tuner per (label ratio, missing rate) cell, resumable, tested once.
 
-Cells run side by side: each cell's Tuner is a Ray task (:func:`_cell_task`, on the driver's
-node, so local sweep files stay where they were) that searches the cell, tests its best trial
-and runs its baseline. ``max(1, tune.max_concurrent_trials // tune.concurrency)`` cells run at
-a time, so at most ``max_concurrent_trials`` trials are in flight; a finished cell's place goes
-to the next one at once. While one cell is tested or runs its baseline, the others train.
+Cells run side by side: each cell's Tuner runs in a driver thread (:func:`_side_by_side`)
+that searches the cell, tests its best trial and runs its baseline; the trials themselves are
+Ray work anywhere on the cluster. ``max(1, tune.max_concurrent_trials // tune.concurrency)``
+cells run at a time, so at most ``max_concurrent_trials`` trials are in flight; a finished
+cell's place goes to the next one at once. While one cell is tested or runs its baseline, the
+others train. (A Ray task per cell was tried first: each needs a fresh worker process, and on a
+loaded node Ray started the second cell's only when the first cell's was free again.)
 
 Storage layout under the sweep's URI (local or S3)::
 
@@ -32,14 +34,14 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray import tune
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sslmm_ray import locks, ray_env, storage
 from sslmm_ray import metrics as mmsa
@@ -234,35 +236,31 @@ def run_sweep(
                 log.info("cell %s: finished earlier, skipped", cell.name)
                 skipped.append(cell.name)
                 done[cell.name] = storage.read_json(layout.result(cell), options)
-        queue = [c for c in cells if c.name not in done]
+        todo = [c for c in cells if c.name not in done]
         cache: SplitCache | None = None
-        if queue and cfg.data.cache_mb > 0:  # once, for every trial of the sweep
+        if todo and cfg.data.cache_mb > 0:  # once, for every trial of the sweep
             cache = SplitCache.build(manifest, cfg, options)
         studies = layout.optuna_storage(cfg.tune.optuna_storage)
-        if queue and studies:
+        if todo and studies:
             # Once, here: cells that open a new RDB side by side race to create its tables.
             space.optuna_storage(studies)
-        # On this node: a local sweep's files (Tune's, the Optuna journal) stay where they were.
-        task = ray.remote(num_cpus=0, max_retries=0)(_cell_task).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False))
-        width = cells_at_once(cfg, info, len(queue))
-        running: dict[ray.ObjectRef, Cell] = {}
-        while queue or running:
-            while queue and len(running) < width:
-                cell = queue.pop(0)
-                ref = task.remote(cfg.to_dict(), cell, layout, selected, headline,
-                                  baseline=baseline, verbose=verbose, trial_fn=trial_fn,
-                                  cache=cache)
-                running[ref] = cell
-            ready, _ = ray.wait(list(running), num_returns=1)
-            cell = running.pop(ready[0])
-            try:
-                done[cell.name] = ray.get(ready[0])
-            except CellFailed as err:  # raised in the task: Ray re-raises it as this type
-                message = str(getattr(err, "cause", None) or err)
-                log.error("%s", message)
-                failed.append(message)
+        width = cells_at_once(cfg, info, len(todo))
+
+        def search(cell: Cell) -> dict[str, Any]:
+            return run_cell(cfg, cell, layout, options, selected, headline, baseline=baseline,
+                            verbose=verbose, trial_fn=trial_fn, cache=cache)
+
+        crashes: list[BaseException] = []  # raised once the running cells are done
+        for cell, outcome in _side_by_side(search, todo, width, stop=lambda: bool(crashes)):
+            if isinstance(outcome, CellFailed):
+                log.error("%s", outcome)
+                failed.append(str(outcome))
+            elif isinstance(outcome, BaseException):
+                crashes.append(outcome)
+            else:
+                done[cell.name] = outcome
+        if crashes:
+            raise crashes[0]
         results = [done[c.name] for c in cells if c.name in done]
     if failed:
         raise SweepIncomplete(
@@ -295,13 +293,12 @@ def _tuner(
     options = StorageOptions.from_env(cfg.data.s3_endpoint)
     storage_path, fs = storage.ray_storage(layout.root, options)
     exp_path, _ = storage.ray_storage(layout.cell_dir(cell), options)
-    trainable = tune.with_resources(
+    trainable = _register(cell, tune.with_resources(
         # the cache travels by reference: its blocks stay where the sweep put them
-        tune.with_parameters(_named_for(trial_fn, cell), base=cfg.to_dict(),
-                             runs_uri=layout.runs(cell),
+        tune.with_parameters(trial_fn, base=cfg.to_dict(), runs_uri=layout.runs(cell),
                              **({"cache": cache} if cache is not None else {})),
         TRIAL_DRIVER_RESOURCES,
-    )
+    ))
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         log.info("cell %s: restoring the interrupted search", cell.name)
         return tune.Tuner.restore(
@@ -352,30 +349,52 @@ def _tuner(
     )
 
 
-def _cell_task(
-    cfg: dict[str, Any], cell: Cell, layout: Layout, selected: tuple[str, str], headline: str,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """:func:`run_cell` as Ray work; storage options come from this process's environment
-    (credentials never travel in a task's arguments)."""
-    config = from_dict(cfg, "tune")
-    options = StorageOptions.from_env(config.data.s3_endpoint)
-    return run_cell(config, cell, layout, options, selected, headline, **kwargs)
+def _side_by_side(
+    fn: Callable[[Cell], dict[str, Any]], cells: list[Cell], width: int,
+    stop: Callable[[], object] = lambda: None,
+) -> Iterator[tuple[Cell, dict[str, Any] | BaseException]]:
+    """``fn(cell)`` for every cell, ``width`` at a time in threads, yielded as each finishes;
+    no new cell starts once ``stop()`` is true (the running ones still finish: the sweep's
+    lock must outlive every writer).
 
-
-def _named_for(trial_fn: TrialFn, cell: Cell) -> TrialFn:
-    """``trial_fn`` under a name of the cell's own.
-
-    Tune keys a trainable, and ``with_parameters`` its arguments, by the function's name in
-    one registry per Ray job: two cells searching at once under one name would run each
-    other's trials (measured: both cells' trials wrote to the second cell's runs).
+    Tune runs a Tuner from a non-main thread (it then leaves signal handlers alone). The
+    threads are daemons: a driver stopped mid-sweep exits like a killed one, and a re-run
+    resumes (cells are results-file atomic, trials checkpointed).
     """
+    finished: queue.Queue[tuple[Cell, dict[str, Any] | BaseException]] = queue.Queue()
 
-    def trial_of_cell(config: dict[str, Any], **kwargs: Any) -> None:
-        return trial_fn(config, **kwargs)
+    def run(cell: Cell) -> None:
+        try:
+            finished.put((cell, fn(cell)))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            finished.put((cell, err))
 
-    trial_of_cell.__name__ = trial_of_cell.__qualname__ = f"sslmm_trial_{cell.name}"
-    return trial_of_cell
+    waiting, running = list(cells), 0
+    while running or (waiting and not stop()):
+        while waiting and running < width and not stop():
+            cell = waiting.pop(0)
+            threading.Thread(target=run, args=(cell,), name=f"sslmm-{cell.name}",
+                             daemon=True).start()
+            running += 1
+        yield finished.get()
+        running -= 1
+
+
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _register(cell: Cell, trainable: Any) -> str:
+    """Register the cell's trainable under a name of its own; the Tuner gets the name.
+
+    Tune keys a trainable by name in one registry per Ray job: two cells searching at once
+    under one function name would run each other's trials (measured: both cells' trials wrote
+    to the second cell's runs). The registry is not thread-safe ("dictionary changed size during
+    iteration" with two cells registering at once), and a Tuner given a name registers nothing.
+    """
+    name = f"sslmm_trial_{cell.name}"
+    with _REGISTRY_LOCK:
+        tune.register_trainable(name, trainable)
+    return name
 
 
 def run_cell(
