@@ -253,6 +253,11 @@ class SweepConfig:
         "Ray Train workers of each trial."))] = 1
     asha: Annotated[bool, Field(description="ASHA early stopping over epochs.")] = False
     seed: Annotated[Seed, Field(description="Searcher (TPE) seed.")] = 0
+    # The searched cell's best hyper-parameters, retrained under finetune.seed + 1, + 2, ...:
+    # the report then gives mean and spread over seeds (the best trial counts as the first).
+    seeds: Annotated[PosInt, Field(description=(
+        "Training seeds of each cell's best hyper-parameters (the report gives mean +- std)."
+    ))] = 1
     # Tune restarts of a failed trial (its Train run resumes from its latest checkpoint); a
     # cell with a trial still errored after them is not recorded as done.
     max_failures: Annotated[MaxFailures, Field(description=(

@@ -19,8 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
+import waiting
 from typer.testing import CliRunner
 
 from sslmm_ray import config as config_mod
@@ -155,12 +157,15 @@ def test_side_by_side_runs_width_cells_at_once_and_stops_starting_after_a_crash(
     cells = [Cell(r, 0.5) for r in (0.1, 0.2, 0.3, 0.4)]
     go = {c.name: threading.Event() for c in cells}
     lock, running, most, started = threading.Lock(), [0], [0], []
+    together = threading.Barrier(2, timeout=30)  # the first two cells must overlap
 
     def search(cell: Cell) -> dict:
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
             started.append(cell.label_ratio)
+        if cell.label_ratio in (0.1, 0.2):
+            together.wait()
         go[cell.name].wait(timeout=30)
         with lock:
             running[0] -= 1
@@ -181,6 +186,49 @@ def test_side_by_side_runs_width_cells_at_once_and_stops_starting_after_a_crash(
     assert "crash in cell 0.2" in str(crashes[0])
     assert next(outcomes, None) is None  # after the crash no later cell started
     assert sorted(started) == [0.1, 0.2, 0.3] and most[0] == 2  # two at once, never more
+
+
+def test_report_gives_mean_and_spread_over_seeds_and_the_baseline_beside(tmp_path):
+    from sslmm_ray.tune import report
+
+    def result(ratio: float, accs: list[float], base: float | None) -> dict:
+        tests = [{"Non0_acc_2": a, "MAE": 1.0 - a, "Corr": 0.5} for a in accs]
+        return {
+            "cell": Cell(ratio, 0.5).name, "label_ratio": ratio, "missing_rate": 0.5,
+            "metric": "valid_MAE", "headline": "Non0_acc_2",
+            "best": {"trial_id": "t", "config": {"tau": 0.9, "lambda_rec": 0.1, "lr": 1e-3,
+                                                 "unlabeled_weight": 1.0},
+                     "valid": {"MAE": 0.5, "Non0_acc_2": 0.7}, "test": tests[0],
+                     "seeds": [{"seed": k, "test": t} for k, t in enumerate(tests)],
+                     "test_mean": {k: float(np.mean([t[k] for t in tests])) for k in tests[0]},
+                     "test_std": {k: float(np.std([t[k] for t in tests])) for k in tests[0]}},
+            "trials": [{}],
+            "baseline": None if base is None else {"test": {"Non0_acc_2": base,
+                                                            "MAE": 1.0 - base}},
+        }
+
+    for ratio, accs, base in ((0.3, [0.8, 0.84], 0.79), (0.7, [0.9, 0.9], None)):
+        storage.write_json(str(tmp_path / "results" / f"{Cell(ratio, 0.5).name}.json"),
+                           result(ratio, accs, base))
+    built = report.build(str(tmp_path))
+    labels = report.cell_labels(built["rows"], "test_Non0_acc_2_mean",
+                                "baseline_test_Non0_acc_2", "test_Non0_acc_2_std")
+    assert labels == {(0.3, 0.5): "0.820 ± 0.020\nbase 0.790", (0.7, 0.5): "0.900 ± 0.000"}
+    assert report.cell_labels(built["rows"], "test_MAE")[(0.3, 0.5)] == "0.200"
+    row = built["rows"][0]
+    assert row["seeds"] == 2 and row["test_MAE_mean"] == pytest.approx(0.18)
+    md = built["files"]["report.md"].decode()
+    assert "| baseline Non0_acc_2 |" in md and "0.7900" in md
+    assert "test Non0_acc_2 mean | ± std |" in md and "0.8200 | 0.0200" in md
+    assert built["files"]["heatmap_Non0_acc_2.png"][:4] == b"\x89PNG"
+
+
+def test_dashboards_of_a_folder_without_a_sweep_is_a_clear_error(tmp_path):
+    from sslmm_ray.tune.dashboards import fetch
+
+    with pytest.raises(FileNotFoundError, match=r"holds no sweep \(sweep.json\)"):
+        fetch(str(tmp_path / "nothing"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_tune_gpus_are_the_trial_workers_gpus(ray_cluster, tmp_path):
@@ -270,6 +318,18 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
     md = (tmp_path / "rep" / "report.md").read_text()
     assert md.count("\n| 0.") == 2  # one table row per cell
 
+    # dashboards: the S3 sweep's TensorBoard files and Tune records, fetched to a local folder
+    local = tmp_path / "dash"
+    dash = invoke("dashboards", sweep_uri, "--out", str(local), "--json")
+    assert dash["commands"] == {"tensorboard": f"tensorboard --logdir {local}",
+                                "optuna_dashboard": f"optuna-dashboard {studies}"}
+    for name, (_, _, _, tune_trials) in expected_rows.items():
+        for trial_id in tune_trials:
+            assert list((local / "runs" / name / trial_id / "tensorboard").iterdir())
+            assert (local / name / f"trial_{trial_id}" / "params.json").is_file()
+    assert not [f for f in dash["files"] if "checkpoint" in f]  # dashboards only
+    _optuna_dashboard_serves(studies, printed["studies"].values())
+
     # a re-run skips the finished cells
     again = invoke(
         "tune", "--data", tiny_data, "--storage", sweep_uri, "--label-ratios", "0.3,0.7",
@@ -277,6 +337,36 @@ def test_grid_sweep_on_s3_and_report_match_recorded_results(ray_cluster, tiny_da
         "--optuna-storage", studies, "--json",
     )
     assert sorted(again["skipped"]) == sorted(expected_rows)
+
+
+def _optuna_dashboard_serves(url: str, study_names) -> None:
+    """optuna-dashboard, a process on 127.0.0.1, lists exactly the sweep's studies over HTTP."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), "--host",
+                             "127.0.0.1", "--port", str(port), url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def listed() -> bytes | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies",
+                                            timeout=5) as reply:
+                    return reply.read()
+            except OSError:
+                return None
+
+        body = waiting.wait_for(lambda: listed() or proc.poll() is not None,
+                                "optuna-dashboard on 127.0.0.1", timeout=120, every=0.5)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        served = {s["study_name"] for s in json.loads(body)["study_summaries"]}
+        assert served == set(study_names)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------- resume

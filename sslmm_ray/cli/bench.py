@@ -148,7 +148,7 @@ def bench_accuracy(
 
 @bench_app.command("tune")
 def bench_tune(as_json: JsonFlag = False) -> None:
-    """Scheduling efficiency of a small sweep: wall time vs sum of trial times / concurrency."""
+    """A 2x2 sweep, cells side by side vs one at a time: wall times and slot efficiency."""
     from sslmm_ray.bench import tune
 
     _bench("tune", tune.run(), as_json)

@@ -1,4 +1,5 @@
-"""``sslmm tune | report``: the (label ratio x missing rate) sweep and its report."""
+"""``sslmm tune | report | dashboards``: the (label ratio x missing rate) sweep, its report and
+the files its dashboards read."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def tune(
     baseline: Annotated[bool, typer.Option(
         "--baseline", help="Also run each cell's supervised-only baseline.")] = False,
     seed: Annotated[int | None, config_option("tune.seed")] = None,
+    seeds: Annotated[int | None, config_option("tune.seeds")] = None,
     max_failures: Annotated[int | None, config_option("tune.max_failures")] = None,
     optuna_storage: Annotated[str | None, config_option("tune.optuna_storage")] = None,
     config: ConfigFile = None,
@@ -76,7 +78,7 @@ def tune(
                               if missing_rates else None),
             "samples": samples, "concurrency": concurrency,
             "max_concurrent_trials": max_concurrent_trials,
-            "workers_per_trial": workers_per_trial, "asha": asha, "seed": seed,
+            "workers_per_trial": workers_per_trial, "asha": asha, "seed": seed, "seeds": seeds,
             "max_failures": max_failures, "optuna_storage": optuna_storage,
         },
     )
@@ -118,3 +120,25 @@ def report(
     else:
         out.print(result["markdown"], markup=False, highlight=False, soft_wrap=True)
         out.print("written: " + ", ".join(result["files"]), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def dashboards(
+    storage_uri: Annotated[str, typer.Argument(help="Sweep storage URI (as given to tune).")],
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="Local folder for the TensorBoard files and Tune's trial records.")],
+    s3_endpoint: S3Endpoint = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fetch a sweep's TensorBoard files and Tune results; print the commands that open them."""
+    from sslmm_ray.storage import StorageOptions
+    from sslmm_ray.tune.dashboards import fetch
+
+    result = fetch(storage_uri, out_dir, StorageOptions.from_env(s3_endpoint))
+    if as_json:
+        emit(result, True)
+        return
+    out.print(f"{len(result['files'])} files ({result['event_files']} TensorBoard event files) "
+              f"in {result['out']}", highlight=False, soft_wrap=True)
+    for command in result["commands"].values():
+        out.print(command, markup=False, highlight=False, soft_wrap=True)

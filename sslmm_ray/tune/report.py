@@ -57,6 +57,10 @@ def rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f"valid_{selected_by([c])}": best["valid"].get(selected_by([c])),
         }
         row.update({f"test_{k}": v for k, v in best["test"].items()})
+        if len(best.get("seeds") or []) > 1:  # the best hyper-parameters under several seeds
+            row["seeds"] = len(best["seeds"])
+            row.update({f"test_{k}_mean": v for k, v in best["test_mean"].items()})
+            row.update({f"test_{k}_std": v for k, v in best["test_std"].items()})
         base = c.get("baseline")
         if base and base.get("test"):
             row.update({f"baseline_test_{k}": v for k, v in base["test"].items()})
@@ -81,6 +85,10 @@ def markdown(table: list[dict[str, Any]], headline: str, selected: str | None = 
         (f"valid {headline}", f"valid_{headline}"), (f"test {headline}", f"test_{headline}"),
         ("test MAE", "test_MAE"), ("test Corr", "test_Corr"),
     ]
+    if any("seeds" in r for r in table):
+        cols += [(f"test {headline} mean", f"test_{headline}_mean"),
+                 ("± std", f"test_{headline}_std"), ("test MAE mean", "test_MAE_mean"),
+                 ("± std", "test_MAE_std"), ("seeds", "seeds")]
     if has_baseline:
         cols += [(f"baseline {headline}", f"baseline_test_{headline}"),
                  ("baseline MAE", "baseline_test_MAE")]
@@ -100,6 +108,9 @@ def markdown(table: list[dict[str, Any]], headline: str, selected: str | None = 
         "trial); test metrics of its best "
         "checkpoint, evaluated once."
     )
+    if any("seeds" in r for r in table):
+        note += (" Mean and std: its hyper-parameters retrained under that many training seeds "
+                 "(the trial's own first), each tested once.")
     if has_baseline:
         note += " Baseline: supervised only (no pseudo-labels, no reconstruction), defaults."
     return "# SSLMM sweep report\n\n" + "\n".join(lines) + "\n" + note + "\n"
@@ -116,8 +127,28 @@ def to_csv(table: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def heatmap_png(table: list[dict[str, Any]], key: str, title: str) -> bytes:
-    """Label ratio (rows) x missing rate (columns) of one column, annotated; empty cells grey."""
+def cell_labels(table: list[dict[str, Any]], key: str, beside: str | None = None,
+                spread: str | None = None) -> dict[tuple[float, float], str]:
+    """Each cell's annotation: its value of ``key`` (``± spread``'s value: the std over seeds),
+    and ``beside``'s value (the baseline) under it, so the two read side by side."""
+    labels = {}
+    for r in table:
+        value, other = r.get(key), r.get(beside) if beside else None
+        if value is None:
+            continue
+        text = f"{value:.3f}"
+        if spread and r.get(spread) is not None:
+            text += f" ± {r[spread]:.3f}"
+        if other is not None:
+            text += f"\nbase {other:.3f}"
+        labels[(r["label_ratio"], r["missing_rate"])] = text
+    return labels
+
+
+def heatmap_png(table: list[dict[str, Any]], key: str, title: str,
+                beside: str | None = None, spread: str | None = None) -> bytes:
+    """Label ratio (rows) x missing rate (columns) of one column, annotated (with ``beside``'s
+    value under each, e.g. the baseline's); empty cells grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,10 +169,9 @@ def heatmap_png(table: list[dict[str, Any]], key: str, title: str) -> bytes:
     ax.set_xlabel("missing rate")
     ax.set_ylabel("label ratio")
     ax.set_title(title)
-    for i in range(len(ratios)):
-        for j in range(len(rates)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w")
+    for (ratio, rate), text in cell_labels(table, key, beside, spread).items():
+        ax.text(rates.index(rate), ratios.index(ratio), text, ha="center", va="center",
+                color="w")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -155,11 +185,25 @@ def build(storage_uri: str, options: StorageOptions | None = None) -> dict[str, 
     cells = load_results(storage_uri, options)
     headline = headline_of(cells)
     table = rows(cells)
+    has_baseline = any(f"baseline_test_{headline}" in r for r in table)
+
+    seeds = max((r.get("seeds", 1) for r in table), default=1)
+
+    def heatmap(metric: str) -> bytes:
+        key, spread, title = f"test_{metric}", None, f"test {metric}"
+        if seeds > 1:
+            key, spread = f"{key}_mean", f"{key}_std"
+            title += f", mean ± std over {seeds} seeds"
+        if has_baseline:
+            title += " (base: supervised only)"
+        return heatmap_png(table, key, title, spread=spread,
+                           beside=f"baseline_test_{metric}" if has_baseline else None)
+
     files = {
         "report.md": markdown(table, headline, selected_by(cells)).encode(),
         "report.csv": to_csv(table).encode(),
-        f"heatmap_{headline}.png": heatmap_png(table, f"test_{headline}", f"test {headline}"),
-        "heatmap_MAE.png": heatmap_png(table, "test_MAE", "test MAE"),
+        f"heatmap_{headline}.png": heatmap(headline),
+        "heatmap_MAE.png": heatmap("MAE"),
     }
     return {"headline": headline, "rows": table, "files": files}
 

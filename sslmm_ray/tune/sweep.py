@@ -16,6 +16,7 @@ Storage layout under the sweep's URI (local or S3)::
     cell_label0.5_missing0.3/  Tune's experiment folder of the cell (trials, searcher state)
     runs/<cell>/<trial_id>/    each trial's Train run: config.json, checkpoints, history.json,
                                tensorboard/, best.json, metrics.json
+    runs/<cell>/seed<k>/       the best hyper-parameters under training seed + k (``--seeds``)
     baseline/<cell>/           the supervised-only run of the cell (``--baseline``)
     results/<cell>.json        the cell's outcome; written last, so it marks a finished cell
 
@@ -41,6 +42,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from ray import tune
 
 from sslmm_ray import locks, ray_env, storage
@@ -437,6 +439,8 @@ def run_cell(
         epochs=None if best["finished"] else best["epochs"],
     )
     test = evaluate_checkpoint(best_ckpt, cfg.data.uri, options, split="test")
+    seeds = [{"seed": cfg.finetune.seed, "run_dir": best["run_dir"], "test": test},
+             *run_seeds(cfg, cell, layout, options, best["config"])]
     result = {
         "cell": cell.name,
         "label_ratio": cell.label_ratio,
@@ -451,6 +455,10 @@ def run_cell(
             "config": best["config"],
             "valid": _strip(best_metrics, "valid_"),
             "test": test,
+            # the best hyper-parameters under tune.seeds training seeds (the trial first)
+            "seeds": seeds,
+            "test_mean": {k: float(np.mean([s["test"][k] for s in seeds])) for k in test},
+            "test_std": {k: float(np.std([s["test"][k] for s in seeds])) for k in test},
         },
         "trials": trials,
         "baseline": run_baseline(cfg, cell, layout, options) if baseline else None,
@@ -535,6 +543,31 @@ def best_checkpoint(
     candidates = [k for k in kept if epochs is None or k[0] < epochs] or kept
     _, _, uri, metrics = _best(candidates, lambda c: c[1], mode)
     return uri, metrics
+
+
+def run_seeds(
+    cfg: ExperimentConfig, cell: Cell, layout: Layout, options: StorageOptions,
+    values: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The cell's best hyper-parameters retrained under ``finetune.seed + 1 .. seeds - 1``
+    (initialisation, batch order, labeled rows; the masks stay the cell's), each tested once.
+
+    Each run has its own folder (``runs/<cell>/seed<k>``): a killed sweep resumes it from its
+    checkpoint, and a finished one is read back, not trained again."""
+    from sslmm_ray.train.runner import run_stage
+
+    out = []
+    for k in range(1, cfg.tune.seeds):
+        data = space.trial_config(cfg, values).to_dict()
+        data["finetune"]["seed"] += k
+        run_dir = storage.join(layout.runs(cell), f"seed{k}")
+        metrics_uri = RunDir(run_dir).metrics
+        if not storage.exists(metrics_uri, options):
+            run_stage("finetune", from_dict(data, "seed"), run_dir)
+        summary = storage.read_json(metrics_uri, options)
+        out.append({"seed": data["finetune"]["seed"], "run_dir": run_dir,
+                    "test": summary["test"]})
+    return out
 
 
 def run_baseline(
