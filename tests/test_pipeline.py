@@ -11,10 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import ray
 import torch
 
-from sslmm_ray import ray_env
 from sslmm_ray.config import DatasetConfig, ExperimentConfig, FinetuneConfig, MissingConfig
 from sslmm_ray.data import pipeline, protocols, store, synth
 from sslmm_ray.data.normalize import normalize_features, normalizer_for, valid_frames
@@ -23,10 +21,10 @@ from sslmm_ray.data.sources import MODALITIES, DataError, RawDataset
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3) -> Iterator[None]:
-    ray_env.init()
+def ray_session(ray_cluster) -> Iterator[None]:
+    # The session's Ray (conftest), never shut down here: a module that stopped it made every
+    # later module start a default 4-CPU Ray, so the sweep tests saw one cell at a time.
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
