@@ -5,8 +5,7 @@ that searches the cell, tests its best trial and runs its baseline; the trials t
 Ray work anywhere on the cluster. ``max(1, tune.max_concurrent_trials // tune.concurrency)``
 cells run at a time, so at most ``max_concurrent_trials`` trials are in flight; a finished
 cell's place goes to the next one at once. While one cell is tested or runs its baseline, the
-others train. (A Ray task per cell was tried first: each needs a fresh worker process, and on a
-loaded node Ray started the second cell's only when the first cell's was free again.)
+others train. (A thread needs no Ray worker process of its own, as a Ray task per cell did.)
 
 Storage layout under the sweep's URI (local or S3)::
 
@@ -554,41 +553,41 @@ def run_seeds(
 
     Each run has its own folder (``runs/<cell>/seed<k>``): a killed sweep resumes it from its
     checkpoint, and a finished one is read back, not trained again."""
-    from sslmm_ray.train.runner import run_stage
-
+    best = space.trial_config(cfg, values).to_dict()
     out = []
     for k in range(1, cfg.tune.seeds):
-        data = space.trial_config(cfg, values).to_dict()
-        data["finetune"]["seed"] += k
+        data = {**best, "finetune": {**best["finetune"], "seed": best["finetune"]["seed"] + k}}
         run_dir = storage.join(layout.runs(cell), f"seed{k}")
-        metrics_uri = RunDir(run_dir).metrics
-        if not storage.exists(metrics_uri, options):
-            run_stage("finetune", from_dict(data, "seed"), run_dir)
-        summary = storage.read_json(metrics_uri, options)
+        summary = _finetune_once(from_dict(data, "seed"), run_dir, options)
         out.append({"seed": data["finetune"]["seed"], "run_dir": run_dir,
                     "test": summary["test"]})
     return out
+
+
+def _finetune_once(cfg: ExperimentConfig, run_dir: str, options: StorageOptions) -> dict[str, Any]:
+    """Fine-tune into ``run_dir`` unless it finished before; its ``metrics.json`` summary."""
+    from sslmm_ray.train.runner import run_stage
+
+    metrics_uri = RunDir(run_dir).metrics
+    if not storage.exists(metrics_uri, options):
+        run_stage("finetune", cfg, run_dir)
+    return storage.read_json(metrics_uri, options)
 
 
 def run_baseline(
     cfg: ExperimentConfig, cell: Cell, layout: Layout, options: StorageOptions
 ) -> dict[str, Any]:
     """Supervised-only fine-tuning of the cell at default hyper-parameters (runs once)."""
-    from sslmm_ray.train.runner import run_stage
-
     run_dir = layout.baseline(cell)
-    metrics_uri = RunDir(run_dir).metrics
-    if not storage.exists(metrics_uri, options):
-        data = cfg.to_dict()
-        data["missing"]["rate"] = cell.missing_rate
-        data["finetune"].update(
-            label_ratio=cell.label_ratio,
-            pseudo_labels=False,
-            reconstruction=False,
-            pretrained=space.cell_pretrained(
-                data["finetune"]["pretrained"], cell.label_ratio, cell.missing_rate
-            ),
-        )
-        run_stage("finetune", from_dict(data, "baseline"), run_dir)
-    summary = storage.read_json(metrics_uri, options)
+    data = cfg.to_dict()
+    data["missing"]["rate"] = cell.missing_rate
+    data["finetune"].update(
+        label_ratio=cell.label_ratio,
+        pseudo_labels=False,
+        reconstruction=False,
+        pretrained=space.cell_pretrained(
+            data["finetune"]["pretrained"], cell.label_ratio, cell.missing_rate
+        ),
+    )
+    summary = _finetune_once(from_dict(data, "baseline"), run_dir, options)
     return {"run_dir": run_dir, "valid": summary["valid"], "test": summary["test"]}
