@@ -12,20 +12,22 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import MessagePassing
-from torch_geometric.utils import softmax
 
-from .dense import relational_attention
+from . import dense
 from .graph import EdgeTemplate
 
 
-class RelationalAttention(MessagePassing):
-    """Multi-head attention over one edge set, with sparse (PyG) and dense executions."""
+class RelationalAttention(nn.Module):
+    """Multi-head attention over one edge set, with dense and sparse (PyG) executions.
+
+    The parameters live here; :mod:`.dense` and :mod:`.sparse` are two executions of the same
+    math over them (one masked ``(B, heads, N, N)`` attention, or PyG message passing over the
+    batched edge list), so a checkpoint runs on either.
+    """
 
     def __init__(self, hidden: int, heads: int, num_relations: int, dropout: float = 0.0):
-        super().__init__(aggr="add", node_dim=0)
+        super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         self.heads, self.head_dim = heads, hidden // heads
@@ -46,27 +48,20 @@ class RelationalAttention(MessagePassing):
         shape = (b, n, self.heads, self.head_dim)
         q, k, v = self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)
         if backend == "dense":
-            out = relational_attention(
+            out = dense.relational_attention(
                 q, k, v, self.rel_k, self.rel_v, template.adjacency, template.relation,
                 src_valid, self.scale, self.dropout, self.training,
             )
         else:
+            from . import sparse  # PyG is imported only by models that run sparse (sparse.py)
+
             edge_index, edge_type = template.batch(b, src_valid.reshape(-1))
             flat = (b * n, self.heads, self.head_dim)
-            out = self.propagate(
-                edge_index, q=q.reshape(flat), k=k.reshape(flat), v=v.reshape(flat),
-                edge_type=edge_type, size=(b * n, b * n),
+            out = sparse.relational_attention(
+                q.reshape(flat), k.reshape(flat), v.reshape(flat), self.rel_k, self.rel_v,
+                edge_index, edge_type, self.scale, self.dropout, self.training,
             )
         return self.out(out.reshape(b, n, hidden))
-
-    def message(
-        self, q_i: Tensor, k_j: Tensor, v_j: Tensor, edge_type: Tensor,
-        index: Tensor, ptr: Tensor | None, size_i: int | None,
-    ) -> Tensor:
-        alpha = (q_i * (k_j + self.rel_k[edge_type])).sum(-1) * self.scale
-        alpha = softmax(alpha, index, ptr, size_i)
-        alpha = F.dropout(alpha, p=self.dropout, training=self.training)
-        return (v_j + self.rel_v[edge_type]) * alpha.unsqueeze(-1)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(heads={self.heads}, head_dim={self.head_dim}, "
