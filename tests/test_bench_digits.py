@@ -217,7 +217,6 @@ def test_summary_compares_with_the_best_peer_and_keeps_peers_out_of_ablations() 
 # ---------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow  # ~5 min on CI: `make test-slow` runs it; the suite keeps the unit cases
 def test_bench_accuracy_digits_end_to_end(ray_cluster, monkeypatch, capsys) -> None:
     """One cell, one seed, one epoch per stage: every method reports, peers clear chance."""
     args = [

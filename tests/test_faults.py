@@ -177,20 +177,28 @@ def test_killed_driver_on_s3_resumes_and_rides_out_an_s3_outage(ray_cluster, s3)
 # --------------------------------------------------------------------------- Tune faults
 
 
-def failing_first_attempt(marker_dir: str) -> sweep.TrialFn:
-    """A trial function whose first attempt of each trial raises (a lost node, say)."""
+def failing_attempts(marker_dir: str) -> sweep.TrialFn:
+    """A trial function whose first trial to start fails its first attempt (a lost node, say)
+    and whose other trials fail their first two attempts."""
 
     def run(config: dict, base: dict, runs_uri: str, cache=None) -> None:
         from ray import tune
 
-        marker = Path(marker_dir) / tune.get_context().get_trial_id()
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("failed once")
-            raise RuntimeError("injected fault: first attempt")
-        if cache is not None:  # which object-store blocks this trial reads
+        markers = Path(marker_dir)
+        markers.mkdir(parents=True, exist_ok=True)
+        marker = markers / tune.get_context().get_trial_id()
+        if not marker.exists():  # first attempt: is this the first trial to start?
+            first = not any(markers.glob("*.attempts"))
+            marker.write_text("1" if first else "2")
+        failures = int(marker.read_text())
+        attempts = marker.with_suffix(".attempts")
+        made = int(attempts.read_text()) if attempts.exists() else 0
+        attempts.write_text(str(made + 1))
+        if cache is not None:  # which object-store blocks this attempt reads
             blocks = [ref.hex() for ref in cache.splits["train"].get_internal_block_refs()]
-            marker.with_suffix(".blocks").write_text(" ".join(blocks))
+            marker.with_suffix(f".blocks{made + 1}").write_text(" ".join(blocks))
+        if made < failures:
+            raise RuntimeError(f"injected fault: attempt {made + 1}")
         trial.run_trial(config, base, runs_uri, cache)
 
     return run
@@ -209,34 +217,28 @@ def by_value():
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
-def test_failed_trial_is_retried_and_the_cell_completes(ray_cluster, local_data, tmp_path,
-                                                        by_value):
-    cell = Cell(0.5, 0.3)
-    root = str(tmp_path / "sweep")
-    markers = tmp_path / "markers"
-    result = sweep.run_sweep(_sweep_cfg(local_data, "tune.samples=1", "tune.max_failures=1"),
-                             root, verbose=0, trial_fn=failing_first_attempt(str(markers)))
-    (only,) = result["cells"]
-    (t,) = only["trials"]
-    assert (markers / t["trial_id"]).exists()  # the first attempt did fail
-    assert t["error"] is None and t["finished"]
-    assert storage.exists(sweep.Layout(root).result(cell))
-
-
-def test_cell_with_errored_trials_is_not_done_and_a_rerun_retries_it(ray_cluster, local_data,
-                                                                     tmp_path, by_value):
+def test_failed_trial_is_retried_and_an_errored_cell_is_completed_by_a_rerun(
+    ray_cluster, local_data, tmp_path, by_value
+):
+    """One sweep, both fault paths: with ``tune.max_failures=1`` the first trial fails once and
+    Tune retries it within the run; the second fails twice, so the cell is not recorded as done
+    and the re-run retries that trial only, and completes the cell."""
     cell = Cell(0.5, 0.3)
     root = str(tmp_path / "sweep")
     layout = sweep.Layout(root)
     markers = tmp_path / "markers"
-    trial_fn = failing_first_attempt(str(markers))
+    trial_fn = failing_attempts(str(markers))
     # with the opt-in cache: one copy of the decoded splits, read by every trial
-    cfg = _sweep_cfg(local_data, "tune.samples=2", "tune.max_failures=0", "data.cache_mb=64")
-    with pytest.raises(sweep.SweepIncomplete, match=f"{cell.name}: 2 of 2 trials errored.*"
+    cfg = _sweep_cfg(local_data, "tune.samples=2", "tune.max_failures=1", "data.cache_mb=64")
+    with pytest.raises(sweep.SweepIncomplete, match=f"{cell.name}: 1 of 2 trials errored.*"
                                                     "injected fault.*re-run the same command"):
         sweep.run_sweep(cfg, root, verbose=0, trial_fn=trial_fn)
     assert not storage.exists(layout.result(cell))
     assert locks.read_holder(root) is None
+    attempts = {p.stem: int(p.read_text()) for p in markers.glob("*.attempts")}
+    assert sorted(attempts.values()) == [2, 2], attempts  # retried once each within the run
+    seen = {p.read_text() for p in markers.glob("*.blocks*")}
+    assert len(seen) == 1 and seen.pop(), "every trial of a sweep reads the sweep's one cache"
 
     result = sweep.run_sweep(cfg, root, verbose=0, trial_fn=trial_fn)
     assert result["skipped"] == []
@@ -244,6 +246,6 @@ def test_cell_with_errored_trials_is_not_done_and_a_rerun_retries_it(ray_cluster
     assert len(only["trials"]) == 2
     assert all(t["finished"] and t["error"] is None for t in only["trials"])
     assert storage.exists(layout.result(cell))
-    seen = {(markers / t["trial_id"]).with_suffix(".blocks").read_text()
-            for t in only["trials"]}
-    assert len(seen) == 1 and seen.pop(), "the trials must read the sweep's one cache"
+    now = {p.stem: int(p.read_text()) for p in markers.glob("*.attempts")}
+    retried = {t: n for t, n in now.items() if n > attempts[t]}
+    assert list(retried.values()) == [3], now  # the re-run retried the errored trial only

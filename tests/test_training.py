@@ -1,5 +1,6 @@
-"""The two training stages on a real local Ray: resume, fault tolerance, DDP (the S3
-end to end runs on several nodes in test_multinode.py)."""
+"""The two training stages on a real local Ray: end to end through the CLI on 2 DDP workers,
+fault tolerance, DDP, checkpoints (the S3 end to end runs on several nodes in
+test_multinode.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import pytest
 import ray
 import torch
 import waiting
+from typer.testing import CliRunner
 
 from sslmm_ray import config as config_mod
 from sslmm_ray import storage
+from sslmm_ray.cli import app
 from sslmm_ray.data import store, synth
 from sslmm_ray.data.sources import DataError
 from sslmm_ray.train import checkpoint as ckpt
@@ -28,8 +31,20 @@ from sslmm_ray.train.evaluate import evaluate_checkpoint
 from sslmm_ray.train.runlog import RunLog
 from sslmm_ray.train.runner import run_stage
 
+runner = CliRunner()
 TINY = ["model.hidden=16", "model.segments=4", "model.iterations=1", "model.dropout=0.0"]
 DEADLINE_S = 240
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def last_json(output: str) -> dict:
+    """The JSON object a ``--json`` command printed (Ray may log lines around it)."""
+    return json.loads(output[output.index("{\n"): output.rindex("}") + 1])
 
 
 def tiny_config(data_uri: str, *extra: str) -> config_mod.ExperimentConfig:
@@ -247,15 +262,57 @@ def test_bf16_autocast_step_on_cpu():
 
 
 @pytest.fixture(scope="module")
-def finetuned(ray_cluster, local_data, tmp_path_factory) -> Path:
-    """One finished 1-epoch fine-tuning run, only read by the tests that use it."""
+def easy_data(tmp_path_factory) -> str:
+    """Aligned mosi shapes, all labels, nothing missing: the easiest synthetic setting."""
+    out = str(tmp_path_factory.mktemp("easy") / "mosi")
+    invoke("data", "synth", "--preset", "mosi", "--scale", "0.2", "--aligned", "--seed", "0",
+           "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finetuned(ray_cluster, easy_data, tmp_path_factory) -> tuple[Path, dict]:
+    """One finished fine-tuning run through the CLI on 2 DDP workers: the end-to-end test
+    checks it, and the checkpoint tests only read it (one Train run for all of them)."""
     run_dir = tmp_path_factory.mktemp("finetuned") / "ft"
-    run_stage("finetune", tiny_config(local_data, "finetune.epochs=1"), str(run_dir))
-    return run_dir
+    output = invoke(
+        "finetune", "--data", easy_data, "--run-dir", str(run_dir),
+        "--label-ratio", "1.0", "--missing-rate", "0.0", "--workers", "2", "--epochs", "4",
+        "--set", "model.hidden=32", "--json",
+    )
+    return run_dir, last_json(output)
+
+
+def test_finetune_two_workers_end_to_end(finetuned, easy_data):
+    """synth -> Parquet -> Ray Data -> 2 DDP workers -> checkpoints, metrics, evaluate."""
+    run_dir, printed = finetuned
+    for name in ("config.json", "metrics.json", "best.json", "history.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints and all((c / "state.pt").is_file() for c in checkpoints)
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["finetune"]["workers"] == 2 and saved["model"]["hidden"] == 32
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [int(h["epoch"]) for h in history] == [0, 1, 2, 3]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"] == printed["test"]
+    assert set(metrics["valid"]) >= {"Non0_acc_2", "MAE", "Corr"}
+    # clearly above chance (0.5) on the easy preset
+    assert metrics["test"]["Non0_acc_2"] > 0.7, metrics["test"]
+    assert metrics["test"]["Corr"] > 0.4, metrics["test"]
+
+    # `sslmm evaluate` on the run directory (= its best checkpoint) reproduces the test metrics
+    evaluated = last_json(
+        invoke("evaluate", "--data", easy_data, "--checkpoint", str(run_dir), "--json")
+    )
+    assert evaluated == pytest.approx(metrics["test"], abs=1e-6)
 
 
 def test_corrupt_and_incompatible_checkpoints_are_clear_errors(finetuned, local_data, tmp_path):
-    run_dir = finetuned
+    run_dir, _ = finetuned
     best = Path(json.loads((run_dir / "best.json").read_text())["checkpoint"])
 
     corrupt = tmp_path / "corrupt"
@@ -303,7 +360,7 @@ def test_predict_and_robustness_curve(finetuned, local_data, tmp_path):
     from sslmm_ray.train.evaluate import CURVE_RATES, robustness_curve
     from sslmm_ray.train.predict import SUCCESS, predict
 
-    run_dir = str(finetuned)
+    run_dir = str(finetuned[0])
     manifest = store.open_dataset(local_data)
 
     out = tmp_path / "pred"

@@ -391,27 +391,36 @@ def _terminated_in_state(cell_dir: str) -> set[str]:
 
 
 def test_killed_sweep_resumes_without_repeating_finished_trials(ray_cluster, tiny_data, s3):
+    """Two cells searching side by side, the driver killed once a trial has finished: the
+    re-run trains no finished trial again and ends with what an uninterrupted sweep of the same
+    seed runs (each cell's trials are its seeded searcher's first suggestions)."""
     import ray
 
     sweep_uri = s3.uri("tune/resume")
-    cell = Cell(0.5, 0.3)
+    cells = space.grid([0.3, 0.7], [0.3])
     cmd = [sys.executable, "-m", "sslmm_ray.cli", "tune", "--data", tiny_data,
-           "--storage", sweep_uri, "--label-ratios", "0.5", "--missing-rates", "0.3",
+           "--storage", sweep_uri, "--label-ratios", "0.3,0.7", "--missing-rates", "0.3",
            "--concurrency", "1", *TINY, "--json"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "TUNE_GLOBAL_CHECKPOINT_S": "1", "SSLMM_PROGRESS": "0"}
-    runs = storage.join(sweep_uri, "runs", cell.name)
-    cell_dir = storage.join(sweep_uri, cell.name)
+
+    def finished_now() -> set[tuple[str, str]]:
+        out = set()
+        for cell in cells:
+            runs = storage.join(sweep_uri, "runs", cell.name)
+            done_runs = {u.rpartition("/")[0].rpartition("/")[2]
+                         for u in storage.list_files(runs, suffix="/metrics.json")}
+            done = done_runs & _terminated_in_state(storage.join(sweep_uri, cell.name))
+            out |= {(cell.name, t) for t in done}
+        return out
 
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    finished: set[str] = set()
+    finished: set[tuple[str, str]] = set()
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and proc.poll() is None:
-            done_runs = {u.rpartition("/")[0].rpartition("/")[2]
-                         for u in storage.list_files(runs, suffix="/metrics.json")}
-            finished = done_runs & _terminated_in_state(cell_dir)
+            finished = finished_now()
             if finished:
                 break
             time.sleep(2)
@@ -420,22 +429,34 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(ray_cluster, tin
             os.killpg(proc.pid, signal.SIGKILL)  # the driver's own session, started above
         proc.wait(timeout=30)
     assert finished, f"no trial finished before the deadline: {proc.stderr.read()[-3000:]!r}"
-    assert not storage.exists(storage.join(sweep_uri, "results", f"{cell.name}.json"))
-    before = {t: storage.read_bytes(storage.join(runs, t, "metrics.json")) for t in finished}
+    assert len(finished) < 2 * len(cells)  # killed mid-sweep, not after it
+    for cell in cells:
+        assert not storage.exists(storage.join(sweep_uri, "results", f"{cell.name}.json"))
+    before = {(c, t): storage.read_bytes(storage.join(sweep_uri, "runs", c, t, "metrics.json"))
+              for c, t in finished}
 
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = storage.read_json(storage.join(sweep_uri, "results", f"{cell.name}.json"))
-    ids = [t["trial_id"] for t in result["trials"]]
-    assert len(ids) == 2 and all(t["finished"] for t in result["trials"])
-    assert finished <= set(ids)
-    for trial_id, metrics in before.items():
+    for (name, trial_id), metrics in before.items():
+        runs = storage.join(sweep_uri, "runs", name)
         # not trained again: same published summary, still one epoch, one report in Tune
         assert storage.read_bytes(storage.join(runs, trial_id, "metrics.json")) == metrics
         assert len(storage.read_json(storage.join(runs, trial_id, "history.json"))) == 1
-    tune_trials = _tune_trials(cell_dir)
-    assert set(ids) <= set(tune_trials)
-    assert not math.isnan(result["best"]["test"]["MAE"])
+    for cell in cells:
+        result = storage.read_json(storage.join(sweep_uri, "results", f"{cell.name}.json"))
+        ids = [t["trial_id"] for t in result["trials"]]
+        assert len(ids) == 2 and all(t["finished"] for t in result["trials"]), cell.name
+        assert {t for c, t in finished if c == cell.name} <= set(ids)
+        assert not math.isnan(result["best"]["test"]["MAE"])
+        tune_trials = _tune_trials(storage.join(sweep_uri, cell.name))
+        assert set(ids) <= set(tune_trials)
+        # the same trials as an uninterrupted sweep: the cell's seeded searcher's first two
+        fresh = space.make_searcher(result["metric"], "min", 7)
+        fresh.set_search_properties(result["metric"], "min", space.param_space(cell))
+        expected = sorted((fresh.suggest(f"t{i}") for i in range(2)), key=str)
+        ran = sorted(({k: tune_trials[i]["params"][k] for k in space.SEARCHED} for i in ids),
+                     key=str)
+        assert ran == [{k: e[k] for k in space.SEARCHED} for e in expected], cell.name
 
 
 def test_asha_stops_weak_trials_early_and_frees_their_workers(ray_cluster, tiny_data, tmp_path):
