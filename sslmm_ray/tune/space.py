@@ -57,7 +57,20 @@ class RestorableOptunaSearch(OptunaSearch):
     running when the driver died comes back with ``Tuner.restore`` but is unknown to the
     restored study (a KeyError inside Ray 2.60's OptunaSearch). Its intermediate results
     are skipped and its final result joins the study as an evaluated point.
+
+    It also keeps the cell's ``param_space``: a search restored from a state saved before Tune
+    handed it the space comes back with none ("no search space has been defined"; seen when a
+    sweep was killed while two cells searched side by side), and sets it again.
     """
+
+    def __init__(self, *args: Any, param_space: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._param_space = param_space
+
+    def suggest(self, trial_id: str):
+        if not self._space and getattr(self, "_param_space", None):
+            self.set_search_properties(self._metric, self._mode, self._param_space)
+        return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._ot_trials:
@@ -92,7 +105,7 @@ def optuna_storage(url: str):
 
 def make_searcher(
     metric: str, mode: str, seed: int, *, storage: str | None = None,
-    study_name: str | None = None,
+    study_name: str | None = None, param_space: dict[str, Any] | None = None,
 ):
     """Seeded TPE: the same seed suggests the same first configurations. With ``storage``
     the study is kept there under ``study_name`` (durable, visible to Optuna's own tools)."""
@@ -101,7 +114,8 @@ def make_searcher(
     # The sampler carries the seed (OptunaSearch ignores ``seed=0`` as falsy).
     sampler = optuna.samplers.TPESampler(seed=seed)
     kept = {"storage": optuna_storage(storage), "study_name": study_name} if storage else {}
-    return RestorableOptunaSearch(metric=metric, mode=mode, sampler=sampler, **kept)
+    return RestorableOptunaSearch(metric=metric, mode=mode, sampler=sampler,
+                                  param_space=param_space, **kept)
 
 
 def trial_config(

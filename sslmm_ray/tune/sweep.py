@@ -333,7 +333,7 @@ def _tuner(
             mode=mode,
             search_alg=space.make_searcher(
                 metric, mode, t.seed, storage=layout.optuna_storage(t.optuna_storage),
-                study_name=layout.study(cell)),
+                study_name=layout.study(cell), param_space=space.param_space(cell)),
             scheduler=scheduler,
             num_samples=t.samples,
             max_concurrent_trials=t.concurrency,
