@@ -217,6 +217,8 @@ def run_sweep(
     started = time.monotonic()
     cfg = sweep_config(cfg)
     info = ray_env.init()
+    if not info.local:  # trials run Ray Data first, on worker nodes an autoscaler must release
+        ray_env.pin_ray_data_actors()
     ray_env.check_paths_reach_every_node(info, {
         "--storage": storage_uri, "--data": cfg.data.uri, "--pretrained": cfg.finetune.pretrained,
     })
