@@ -84,6 +84,29 @@ def init(num_cpus: int | None = None, *, quiet: bool = True) -> ClusterInfo:
     return info
 
 
+def pin_ray_data_actors() -> None:
+    """Create Ray Data's two detached helper actors (its stats actor and its cluster-autoscaling
+    coordinator, 0 CPU each) on this driver's node before any worker creates them.
+
+    Ray Data creates them on the node of the first process that runs a dataset, and they outlive
+    it. In a sweep that process is a trial on a worker node, and a node that holds a detached
+    actor never counts as idle: the autoscaler never releases it (tests/test_autoscaling.py).
+    Created here, they live beside the driver (on the head, for a job). Private Ray API: a
+    warning, not an error, if it moves.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError as err:
+        log.warning("Ray Data's helper actors not placed on the driver's node (%s): the first "
+                    "worker node that runs a dataset keeps them", err)
+        return
+    get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()
+
+
 def worker_resources(cpus_per_worker: float, use_gpu: bool) -> dict[str, float]:
     resources = {"CPU": cpus_per_worker}
     if use_gpu:

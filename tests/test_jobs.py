@@ -15,8 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,25 +26,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_head import HOST, free_port, stop_head
 
 from sslmm_ray.devtools.s3server import FAKE_CREDENTIALS, S3Server, start_s3_server
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
-HOST = "127.0.0.1"
 READY_TIMEOUT = 120.0  # head start on a loaded 2-core machine
 JOB_TIMEOUT = 300.0  # one 1-epoch fine-tuning job, runtime env included
-STOP_GRACE = 15.0
 
 pytestmark = pytest.mark.skipif(
     not (VENV_BIN / "ray").exists(), reason="needs the project's virtualenv (.venv)"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -131,40 +122,6 @@ def _wait_dashboard(url: str, head: subprocess.Popen[bytes], log: Path) -> None:
     raise RuntimeError(f"Ray dashboard at {url} not ready after {READY_TIMEOUT:.0f} s")
 
 
-def _stop_head(head: subprocess.Popen[bytes], temp_dir: str) -> None:
-    """SIGTERM `ray start --block` (it stops its raylet, GCS, dashboard and workers), bounded
-    wait, SIGKILL its process group, then kill any process of this head that left the group
-    (they name the head's private temp dir on their command line)."""
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)  # pgid == pid (start_new_session)
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=10.0)
-    marker = temp_dir.encode()
-    for _ in range(3):
-        strays = []
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                if marker in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
-                    strays.append(int(proc.name))
-            except OSError:
-                continue
-        if not strays:
-            return
-        for pid in strays:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     state = tmp_path_factory.mktemp("cluster")
@@ -182,7 +139,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     s3 = start_s3_server(bucket="sslmm-jobs")
     head = None
     try:
-        ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "agent")}
+        ports = {name: free_port() for name in ("gcs", "dashboard", "client", "agent")}
         dashboard = f"http://{HOST}:{ports['dashboard']}"
         log = state / "ray.log"
         with log.open("wb") as out:
@@ -216,7 +173,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                       data_uri=data_uri)
     finally:
         if head is not None:
-            _stop_head(head, temp_dir)
+            stop_head(head, temp_dir)
             assert head.poll() is not None
         s3.stop()
         shutil.rmtree(temp_dir, ignore_errors=True)

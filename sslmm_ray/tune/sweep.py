@@ -217,6 +217,8 @@ def run_sweep(
     started = time.monotonic()
     cfg = sweep_config(cfg)
     info = ray_env.init()
+    if not info.local:  # trials run Ray Data first, on worker nodes an autoscaler must release
+        ray_env.pin_ray_data_actors()
     ray_env.check_paths_reach_every_node(info, {
         "--storage": storage_uri, "--data": cfg.data.uri, "--pretrained": cfg.finetune.pretrained,
     })
@@ -510,12 +512,24 @@ def _trial_record(
         "finished": trial.is_finished(run_dir, options),
         "error": str(result.error)[:500] if result.error else None,
         "time_s": _time_of(result),
+        **_when(result),
     }
 
 
 def _time_of(result: Any) -> float:
     """Seconds the trial ran, as Tune recorded them (0 when unknown)."""
     return float((result.metrics or {}).get("time_total_s") or 0.0)
+
+
+def _when(result: Any) -> dict[str, float | None]:
+    """When the trial ran, in seconds since the epoch, from what Tune recorded: its last report
+    (``timestamp``, whole seconds) less the seconds it had run by then (``time_total_s``). The
+    trial ran at least over [started_at, last_report_at] (to Tune's 1 s resolution); None when
+    it never reported."""
+    stamp = (result.metrics or {}).get("timestamp")
+    if stamp is None:
+        return {"started_at": None, "last_report_at": None}
+    return {"started_at": float(stamp) - _time_of(result), "last_report_at": float(stamp)}
 
 
 def best_checkpoint(
