@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench clean setup
+.PHONY: demo test test-slow lint bench clean setup
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The long end-to-end cases (marked slow) that the suite leaves out for time: the simulated
+# autoscaling cluster's 2x2 sweep (about 12 minutes on 2 cores).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sslmm_ray tests jobs
